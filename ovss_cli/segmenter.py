@@ -1,0 +1,109 @@
+"""The one interface every method implements: image + vocabulary -> per-class scores and labels.
+
+``segment``, ``evaluate`` and ``compare`` talk to a :class:`Segmenter` only; methods register a
+factory under their name and :func:`load_segmenter` builds one from that name.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .vocabulary import Vocabulary, as_vocabulary
+
+# Label value for pixels no class was given to (e.g. no SAM mask covers them).
+UNLABELLED = -1
+
+
+@dataclass
+class Segment:
+    """One predicted region (instance-style methods report these for COCO output)."""
+
+    class_index: int
+    score: float
+    mask: np.ndarray  # H x W bool
+
+
+@dataclass
+class Prediction:
+    """What a segmenter returns for one image.
+
+    ``scores`` is C x H x W (float32, on the CPU) at the input image's size: for SAN the
+    official ``sem_seg``. ``labels`` is H x W int32: a class index, or :data:`UNLABELLED`.
+    """
+
+    scores: torch.Tensor
+    labels: np.ndarray
+    segments: list[Segment] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def labels_from_scores(scores: torch.Tensor) -> np.ndarray:
+    """Arg-max labels (int32) of a C x H x W score map."""
+    return scores.argmax(dim=0).to(torch.int32).numpy()
+
+
+class Segmenter(ABC):
+    """Base class of all methods. Subclasses set ``method`` and ``model_name``."""
+
+    method: str = ""
+    model_name: str = ""
+
+    @abstractmethod
+    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
+        """Segment one H x W x 3 uint8 RGB image with the given vocabulary."""
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str]
+    ) -> list[Prediction]:
+        """Segment several images; methods override this to batch their forward passes."""
+        vocab = as_vocabulary(vocabulary)
+        return [self.predict(image, vocab) for image in images]
+
+    def describe(self) -> dict[str, Any]:
+        """A short JSON-able description for manifests and tables."""
+        return {"method": self.method, "model": self.model_name}
+
+
+# method name -> "module:function" building a Segmenter; imported on first use so that
+# `ovss --help` does not pay for importing every model.
+_FACTORIES: dict[str, str] = {
+    "san": "ovss_cli.models.san.segmenter:build_san_segmenter",
+    "sam": "ovss_cli.models.sam_alphaclip.segmenter:build_sam_alphaclip_segmenter",
+}
+
+METHODS = tuple(_FACTORIES)
+
+
+def _factory(method: str) -> Callable[..., Segmenter]:
+    try:
+        target = _FACTORIES[method]
+    except KeyError:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def load_segmenter(
+    method: str,
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    clip_config: dict | str | None = None,
+    device: str | torch.device = "cpu",
+    **method_options: Any,
+) -> Segmenter:
+    """Build a ready-to-use segmenter.
+
+    ``model`` names a zoo entry (default: the method's default model); ``weights`` is a local
+    checkpoint used instead of the zoo download; ``clip_config`` is an open_clip model config
+    (a dict or a JSON file path) for checkpoints built on a non-standard CLIP.
+    """
+    return _factory(method)(
+        model=model, weights=weights, clip_config=clip_config, device=device, **method_options
+    )

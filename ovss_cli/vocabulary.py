@@ -1,0 +1,143 @@
+"""Vocabularies: the classes a user asks for, each with one or more names.
+
+A class scores as the best of its names (``cat: kitty, kitten`` is one class with three
+names). Parsing rejects empty and duplicate entries with a message naming the culprit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class VocabularyClass:
+    """One output class: its display name and every name it is prompted with."""
+
+    name: str
+    synonyms: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.synonyms)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered set of classes; label ``i`` in every output means ``classes[i]``."""
+
+    classes: tuple[VocabularyClass, ...]
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise UsageError("the vocabulary is empty: give at least one class, e.g. --classes \"cat,sofa\"")
+        seen: dict[str, str] = {}
+        for cls in self.classes:
+            for name in cls.names:
+                if not name.strip():
+                    raise UsageError(f"class {cls.name!r} has an empty name")
+                key = name.strip().lower()
+                if key in seen:
+                    raise UsageError(
+                        f"duplicate class name {name.strip()!r} (also in class {seen[key]!r}); "
+                        "each name may appear once"
+                    )
+                seen[key] = cls.name
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def names(self) -> list[str]:
+        """Display names, one per class."""
+        return [c.name for c in self.classes]
+
+    @property
+    def prompt_names(self) -> list[str]:
+        """Every name of every class, flattened in class order (what the text encoder sees)."""
+        return [n for c in self.classes for n in c.names]
+
+    @property
+    def name_to_class(self) -> list[int]:
+        """For each entry of :attr:`prompt_names`, the index of the class it belongs to."""
+        return [i for i, c in enumerate(self.classes) for _ in c.names]
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> "Vocabulary":
+        """One class per name, names used exactly as given (benchmark class lists)."""
+        return cls(tuple(VocabularyClass(n) for n in names))
+
+
+def parse_class_list(text: str) -> Vocabulary:
+    """Parse ``"cat,sofa,window"``: comma-separated class names, surrounding spaces dropped."""
+    parts = text.split(",")
+    for i, part in enumerate(parts):
+        if not part.strip():
+            raise UsageError(
+                f"--classes {text!r}: entry {i + 1} is empty; separate class names with single commas"
+            )
+    return Vocabulary(tuple(VocabularyClass(p.strip()) for p in parts))
+
+
+def parse_class_lines(lines: Sequence[str], source: str = "<classes>") -> Vocabulary:
+    """Parse one class per line; ``name: synonym, synonym`` gives a class several names.
+
+    Blank lines and lines starting with ``#`` are skipped.
+    """
+    classes = []
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, rest = line.partition(":")
+        name = name.strip()
+        if not name:
+            raise UsageError(f"{source}:{lineno}: class name is empty in {raw.rstrip()!r}")
+        synonyms: tuple[str, ...] = ()
+        if sep:
+            synonyms = tuple(s.strip() for s in rest.split(","))
+            if any(not s for s in synonyms):
+                raise UsageError(
+                    f"{source}:{lineno}: empty synonym in {raw.rstrip()!r}; write 'name: synonym, synonym'"
+                )
+        classes.append(VocabularyClass(name, synonyms))
+    if not classes:
+        raise UsageError(f"{source}: no classes found; write one class per line")
+    try:
+        return Vocabulary(tuple(classes))
+    except UsageError as err:
+        raise UsageError(f"{source}: {err}") from None
+
+
+def read_class_file(path: str | Path) -> Vocabulary:
+    """Read a class file (see :func:`parse_class_lines`)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"classes file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read classes file {p}: {err}") from None
+    return parse_class_lines(text.splitlines(), source=str(p))
+
+
+def load_vocabulary(classes: str | None, classes_file: str | Path | None) -> Vocabulary:
+    """The vocabulary from ``--classes`` or ``--classes-file`` (exactly one of them)."""
+    if classes is not None and classes_file is not None:
+        raise UsageError("give either --classes or --classes-file, not both")
+    if classes_file is not None:
+        return read_class_file(classes_file)
+    if classes is None:
+        raise UsageError('no vocabulary: pass --classes "cat,sofa,window" or --classes-file FILE')
+    return parse_class_list(classes)
+
+
+def as_vocabulary(vocabulary: "Vocabulary | Sequence[str] | str") -> Vocabulary:
+    """Accept a :class:`Vocabulary`, a list of names, or a comma-separated string."""
+    if isinstance(vocabulary, Vocabulary):
+        return vocabulary
+    if isinstance(vocabulary, str):
+        return parse_class_list(vocabulary)
+    return Vocabulary(tuple(VocabularyClass(str(n).strip()) for n in vocabulary))
