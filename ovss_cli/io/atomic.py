@@ -1,0 +1,89 @@
+"""Write files so that readers see either the old content or the complete new content.
+
+A run that is killed half-way must never leave a truncated PNG or JSON behind that looks
+finished: data goes to a hidden temp file beside the target, is fsynced, and only then
+renamed over the target (``os.replace`` is atomic on the same file system).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Iterator, Literal
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, creating parent directories."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with UTF-8 ``text`` atomically, creating parent directories."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+@contextlib.contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: Literal["w", "wb"] = "w"
+) -> Iterator[IO[Any]]:
+    """Yield a file that replaces ``path`` when the block ends without an exception.
+
+    Text mode writes UTF-8 with ``\\n`` line endings. If the block raises, the temp file is
+    removed and ``path`` is left exactly as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp, fd = _create_temp(target)
+    try:
+        if mode == "wb":
+            handle: IO[Any] = os.fdopen(fd, "wb")
+        else:
+            handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+    except BaseException:
+        os.close(fd)
+        _remove_quietly(temp)
+        raise
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _create_temp(target: Path) -> tuple[Path, int]:
+    """Create ``.<name>.<random>.tmp`` next to ``target``; mode 0666 minus the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return temp, os.open(temp, flags, 0o666)
+        except FileExistsError:
+            continue
+
+
+def _remove_quietly(path: Path) -> None:
+    """Delete ``path`` if it is there; a failure here must not hide the original error."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (POSIX only; best effort)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,281 @@
+"""Finding input images and decoding them to 8-bit RGB arrays.
+
+Every method consumes H x W x 3 uint8 RGB, so all the odd cases (EXIF rotation, alpha,
+palettes, CMYK, 16-bit samples) are settled here, once. Unreadable files become
+:class:`~ovss_cli.errors.InputError` with a one-line reason so a batch run can report the
+file and carry on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Iterator, Sequence, TextIO
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_MAX_REASON = 120
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to process: where it is, and the relative path its outputs mirror."""
+
+    path: Path
+    rel: Path
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """Whether the file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return PurePath(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None) -> Iterator[InputImage]:
+    """Yield the images named by CLI arguments, lazily and in a deterministic order.
+
+    Each argument is a file, a directory (walked recursively in sorted order, image
+    extensions only, hidden entries skipped) or ``-`` for newline-separated paths read from
+    ``stdin``. Explicit arguments are checked up front so a typo fails before any work;
+    paths read from stdin are checked as they arrive. Clashing relative paths get ``_2``,
+    ``_3``... suffixes so that no two inputs write the same outputs.
+    """
+    for arg in paths:
+        if arg != "-" and not os.path.exists(arg):
+            raise InputError(f"input not found: {arg}")
+    used: set[str] = set()
+    for arg in paths:
+        sources = _iter_stdin_paths(stdin if stdin is not None else sys.stdin) if arg == "-" else [arg]
+        for source in sources:
+            for item in _expand(source):
+                yield InputImage(item.path, _unique_rel(item.rel, used))
+
+
+def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
+    """Non-blank lines of ``stream``, stripped, read one at a time."""
+    for line in stream:
+        line = line.strip()
+        if line:
+            yield line
+
+
+def _expand(source: str) -> Iterator[InputImage]:
+    """One argument -> its images (itself if it is a file, its tree if a directory)."""
+    path = Path(source)
+    if path.is_dir():
+        yield from _walk(path, path, set())
+    elif path.exists():
+        yield InputImage(path, _rel_for_file(path))
+    else:
+        raise InputError(f"input not found: {source}")
+
+
+def _rel_for_file(path: Path) -> Path:
+    """The path as given when it is relative and stays inside the cwd, else the file name."""
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        return Path(path.name)
+    return path
+
+
+def _walk(root: Path, directory: Path, seen: set[tuple[int, int]]) -> Iterator[InputImage]:
+    """Depth-first walk of ``directory`` in name order, one directory listing at a time.
+
+    ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
+    are not followed forever.
+    """
+    try:
+        stat = directory.stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as error:
+        raise InputError(f"cannot list directory {directory}: {error.strerror or error}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            continue
+        if is_dir:
+            yield from _walk(root, path, seen)
+        elif is_image_path(entry.name) and path.exists():
+            yield InputImage(path, path.relative_to(root))
+    seen.discard(key)
+
+
+def _unique_rel(rel: Path, used: set[str]) -> Path:
+    """``rel`` itself if unused, else ``name_2.ext``, ``name_3.ext``... (first free one)."""
+    candidate = rel
+    counter = 1
+    while candidate.as_posix() in used:
+        counter += 1
+        candidate = rel.with_name(f"{rel.stem}_{counter}{rel.suffix}")
+    used.add(candidate.as_posix())
+    return candidate
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image file to a C-contiguous H x W x 3 uint8 RGB array.
+
+    EXIF orientation is applied; alpha is dropped (not composited); grayscale, palette,
+    CMYK and YCbCr become RGB; 16-bit samples are scaled so 65535 -> 255 with rounding.
+    Any failure to decode raises :class:`InputError` naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot read image {path}: it is a directory, not a file")
+    if not path.exists():
+        raise InputError(f"cannot read image {path}: file not found")
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read image {path}: file is empty")
+        rgb = _decode(path)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"cannot read image {path}: too many pixels (decompression bomb guard); "
+            "downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read image {path}: not a recognised image format") from None
+    except MemoryError:
+        raise InputError(f"cannot read image {path}: out of memory while decoding") from None
+    except Exception as error:  # any decoder failure on a bad file is the input's fault
+        raise InputError(f"cannot read image {path}: {_short_reason(error)}") from None
+    return np.ascontiguousarray(rgb)
+
+
+def _decode(path: Path) -> np.ndarray:
+    """PIL first; OpenCV for files PIL cannot open or would truncate (16-bit colour)."""
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        rgb = _decode_with_cv2(path)
+        if rgb is None:
+            raise
+        return rgb
+    with image:
+        if _is_wide_colour(image):
+            rgb = _decode_with_cv2(path)
+            if rgb is None:
+                raise InputError(f"cannot read image {path}: corrupt or truncated 16-bit image")
+            return _apply_orientation(rgb, _orientation(image))
+        image.load()  # PIL is lazy: decode everything now, inside the caller's try
+        image = ImageOps.exif_transpose(image)
+        return _pil_to_rgb(image, path)
+
+
+def _is_wide_colour(image: Image.Image) -> bool:
+    """Whether PIL would silently cut a 16-bit colour image down to 8 bits by truncation."""
+    if image.mode not in ("RGB", "RGBA", "LA") or not image.tile:
+        return False
+    args = image.tile[0][3]  # (codec, extents, offset, args); args starts with the raw mode
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable)."""
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # broken EXIF must not make a good image unreadable
+        return 1
+
+
+def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip an RGB array as the EXIF orientation tag says."""
+    method = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    if method is None:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).transpose(method))
+
+
+def _pil_to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """Any decoded PIL image -> H x W x 3 uint8 RGB."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return _gray_to_rgb(_scale_16_to_8(gray))
+    if mode == "F":
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if gray.size and gray.max() <= 1.0:
+            gray = gray * 255.0
+        return _gray_to_rgb(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # applies palette transparency without a warning
+    try:
+        return np.asarray(image.convert("RGB"))
+    except (ValueError, OSError):
+        raise InputError(f"cannot read image {path}: unsupported pixel mode {mode}") from None
+
+
+def _decode_with_cv2(path: Path) -> np.ndarray | None:
+    """Decode with OpenCV (unchanged depth/channels) to uint8 RGB; None if it cannot."""
+    buffer = np.fromfile(str(path), dtype=np.uint8)
+    if buffer.size == 0:
+        return None
+    array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if array is None:
+        return None
+    if array.dtype == np.uint16:
+        array = _scale_16_to_8(array)
+    elif array.dtype != np.uint8:
+        return None
+    if array.ndim == 2:
+        return _gray_to_rgb(array)
+    channels = array.shape[2]
+    if channels == 1 or channels == 2:  # gray, gray + alpha
+        return _gray_to_rgb(array[:, :, 0])
+    if channels == 3:
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(array, cv2.COLOR_BGRA2RGB)
+    return None
+
+
+def _scale_16_to_8(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, rounded to nearest (65535 / 257 == 255 exactly)."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """H x W -> H x W x 3 by repeating the channel."""
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _short_reason(error: BaseException) -> str:
+    """First line of an exception message, trimmed for a one-line report."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 3] + "..."
+    return text
