@@ -6,6 +6,7 @@ factory under their name and :func:`load_segmenter` builds one from that name.
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -104,6 +105,9 @@ def load_segmenter(
     checkpoint used instead of the zoo download; ``clip_config`` is an open_clip model config
     (a dict or a JSON file path) for checkpoints built on a non-standard CLIP.
     """
-    return _factory(method)(
-        model=model, weights=weights, clip_config=clip_config, device=device, **method_options
-    )
+    factory = _factory(method)
+    accepted = inspect.signature(factory).parameters
+    for key in method_options:
+        if key not in accepted:
+            raise UsageError(f"option --{key.replace('_', '-')} does not apply to --method {method}")
+    return factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)

@@ -56,18 +56,22 @@ def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None) -> Iterator[I
     Each argument is a file, a directory (walked recursively in sorted order, image
     extensions only, hidden entries skipped) or ``-`` for newline-separated paths read from
     ``stdin``. Explicit arguments are checked up front so a typo fails before any work;
-    paths read from stdin are checked as they arrive. Clashing relative paths get ``_2``,
-    ``_3``... suffixes so that no two inputs write the same outputs.
+    paths read from stdin are checked as they arrive.
+
+    Outputs are named after ``rel`` without its extension, so two inputs whose ``rel``
+    differ only in extension or letter case (``a.jpg``, ``A.png``) would clash: later ones
+    get ``_2``, ``_3``... suffixes. With a single directory argument clashes can only occur
+    inside one folder, so the bookkeeping is per folder and memory stays flat however many
+    images there are; with several arguments or stdin it spans the whole run.
     """
     for arg in paths:
         if arg != "-" and not os.path.exists(arg):
             raise InputError(f"input not found: {arg}")
-    used: set[str] = set()
+    run_wide: set[str] | None = set() if len(paths) != 1 or paths[0] == "-" else None
     for arg in paths:
         sources = _iter_stdin_paths(stdin if stdin is not None else sys.stdin) if arg == "-" else [arg]
         for source in sources:
-            for item in _expand(source):
-                yield InputImage(item.path, _unique_rel(item.rel, used))
+            yield from _expand(source, run_wide)
 
 
 def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
@@ -78,13 +82,14 @@ def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
             yield line
 
 
-def _expand(source: str) -> Iterator[InputImage]:
+def _expand(source: str, used: set[str] | None) -> Iterator[InputImage]:
     """One argument -> its images (itself if it is a file, its tree if a directory)."""
     path = Path(source)
     if path.is_dir():
-        yield from _walk(path, path, set())
+        yield from _walk(path, path, set(), used)
     elif path.exists():
-        yield InputImage(path, _rel_for_file(path))
+        rel = _rel_for_file(path)
+        yield InputImage(path, _unique_rel(rel, used if used is not None else set()))
     else:
         raise InputError(f"input not found: {source}")
 
@@ -96,11 +101,12 @@ def _rel_for_file(path: Path) -> Path:
     return path
 
 
-def _walk(root: Path, directory: Path, seen: set[tuple[int, int]]) -> Iterator[InputImage]:
+def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None) -> Iterator[InputImage]:
     """Depth-first walk of ``directory`` in name order, one directory listing at a time.
 
     ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
-    are not followed forever.
+    are not followed forever; ``used`` is the run-wide set of output names, or None to
+    deduplicate within this folder only.
     """
     try:
         stat = directory.stat()
@@ -112,6 +118,7 @@ def _walk(root: Path, directory: Path, seen: set[tuple[int, int]]) -> Iterator[I
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as error:
         raise InputError(f"cannot list directory {directory}: {error.strerror or error}") from None
+    local = used if used is not None else set()
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -121,21 +128,28 @@ def _walk(root: Path, directory: Path, seen: set[tuple[int, int]]) -> Iterator[I
         except OSError:
             continue
         if is_dir:
-            yield from _walk(root, path, seen)
+            yield from _walk(root, path, seen, used)
         elif is_image_path(entry.name) and path.exists():
-            yield InputImage(path, path.relative_to(root))
+            yield InputImage(path, _unique_rel(path.relative_to(root), local))
     seen.discard(key)
 
 
 def _unique_rel(rel: Path, used: set[str]) -> Path:
-    """``rel`` itself if unused, else ``name_2.ext``, ``name_3.ext``... (first free one)."""
+    """``rel`` itself if its output name is unused, else ``name_2.ext``, ``name_3.ext``...
+
+    Output names ignore the extension and letter case (see :func:`output_stem`)."""
     candidate = rel
     counter = 1
-    while candidate.as_posix() in used:
+    while output_stem(candidate).as_posix().lower() in used:
         counter += 1
         candidate = rel.with_name(f"{rel.stem}_{counter}{rel.suffix}")
-    used.add(candidate.as_posix())
+    used.add(output_stem(candidate).as_posix().lower())
     return candidate
+
+
+def output_stem(rel: Path) -> Path:
+    """The extension-less relative path that an input's output files are named after."""
+    return rel.with_suffix("")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -17,10 +17,10 @@ from torch.nn import functional as F
 from ...clip.model import load_clip_config
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
-from ...errors import WeightsError
 from ...runtime import autocast, resolve_device, resolve_precision
 from ...segmenter import Prediction, Segmenter, labels_from_scores
 from ...vocabulary import Vocabulary, as_vocabulary
+from .checkpoint import load_san_weights, read_san_checkpoint
 from .config import CLIP_MEAN, CLIP_STD, SanConfig, get_san_config
 from .model import SanModel
 
@@ -28,7 +28,7 @@ DEFAULT_MODEL = "san-vit-b16"
 QUERY_CHUNK = 20  # queries upsampled at once in post-processing (bounds memory on large images)
 
 
-def test_time_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
     """(h, w) after resizing the short side to ``short`` with the long side capped at
     ``max_size`` (detectron2 ``ResizeShortestEdge`` arithmetic, rounded ``int(x + 0.5)``)."""
     scale = short / min(height, width)
@@ -98,7 +98,7 @@ class SanSegmenter(Segmenter):
     def _prepare(self, image: np.ndarray) -> _Prepared:
         h, w = image.shape[:2]
         if self.resize_short:
-            image = resize_image(image, test_time_size(h, w, self.resize_short, self.config.max_size_test))
+            image = resize_image(image, shortest_edge_size(h, w, self.resize_short, self.config.max_size_test))
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(self.device, torch.float32)
         return _Prepared((x - self.pixel_mean) / self.pixel_std, (h, w))
 
@@ -157,43 +157,10 @@ def merge_synonyms(scores: Tensor, vocabulary: Vocabulary) -> Tensor:
     """Per-name scores (N x H x W) -> per-class scores: each class takes its best name."""
     if len(vocabulary.prompt_names) == len(vocabulary):
         return scores
-    index = torch.tensor(vocabulary.name_to_class, device=scores.device)
-    out = scores.new_full((len(vocabulary), *scores.shape[1:]), float("-inf"))
-    return out.index_reduce_(0, index, scores, "amax", include_self=True)
-
-
-def read_san_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """State dict and, for checkpoints ovss wrote, the SAN config stored beside it."""
-    from ...weights import load_state_file
-
-    ckpt = load_state_file(path)
-    config = ckpt.get("ovss_config") if isinstance(ckpt, dict) else None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{path} is not a SAN checkpoint (expected {{'model': state_dict}})")
-    return state, config
-
-
-def load_san_weights(model: SanModel, state: dict[str, Tensor], source: str, model_name: str) -> None:
-    """Load with exact key and shape matching; a mismatch names the checkpoint and the fix."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(
-            f"{source} does not match {model_name}: {'; '.join(parts)}. "
-            "Pass the --model it was trained as, or --clip-config FILE for a non-standard CLIP"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
+    groups: dict[int, list[int]] = {}
+    for name_index, class_index in enumerate(vocabulary.name_to_class):
+        groups.setdefault(class_index, []).append(name_index)
+    return torch.stack([scores[idx].amax(dim=0) for _, idx in sorted(groups.items())])
 
 
 def build_san_segmenter(

@@ -1,0 +1,168 @@
+"""The ``ovss`` command line: parse options, call a library function, map errors to exit codes.
+
+Errors the user can cause (:class:`~ovss_cli.errors.OvssError`) print one line on stderr
+without a traceback; ``--debug`` (or ``OVSS_DEBUG=1``) shows it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Open-vocabulary semantic segmentation: label every pixel with classes named in free text.",
+)
+_state = {"debug": os.environ.get("OVSS_DEBUG", "") not in ("", "0")}
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[[], int]) -> None:
+    """Run a command body; OvssError -> one line + its exit code; Ctrl-C -> 130."""
+    try:
+        code = fn()
+    except OvssError as err:
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    else:
+        raise typer.Exit(code)
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def _method_options(**options: Any) -> dict[str, Any]:
+    """Options the user actually set (None = not given) are passed to the method's factory,
+    which rejects those that do not apply to it."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def segment(
+    paths: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), or - to read paths from stdin."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help='Comma-separated class names, e.g. "cat,sofa,window".'),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="One class per line; 'name: synonym, synonym' for several names."),
+    method: str = typer.Option("san", "--method", "-m", help="san | sam"),
+    model: Optional[str] = typer.Option(None, "--model", help="Zoo model name (see `ovss models`), e.g. san-vit-b16."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint to use instead of the zoo download."),
+    clip_config: Optional[Path] = typer.Option(None, "--clip-config", help="open_clip model config JSON for a checkpoint on a non-standard CLIP."),
+    out: Path = typer.Option(Path("ovss_out"), "--out", "-o", help="Output folder."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16"),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    formats: str = typer.Option("png,overlay,coco,jsonl", "--format", help="Any of png,overlay,coco,jsonl."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still printed."),
+    resize_short: Optional[int] = typer.Option(None, "--resize-short", help="[san] Short side the image is resized to (default 640; 0 keeps the input size)."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Prompt templates: vild, photo, or a file with one template per line."),
+) -> None:
+    """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest."""
+
+    def body() -> int:
+        from .io.images import iter_inputs
+        from .reporting import image_progress, print_segment_summary
+        from .segment import parse_formats, segment_images
+        from .segmenter import load_segmenter
+        from .vocabulary import load_vocabulary
+
+        vocabulary = load_vocabulary(classes, classes_file)
+        fmt = parse_formats(formats)
+        options = _method_options(precision=precision, templates=templates, progress=not quiet)
+        if resize_short is not None:
+            options["resize_short"] = resize_short or None  # 0 keeps the input size
+        segmenter = load_segmenter(
+            method,
+            model=model,
+            weights=str(weights) if weights else None,
+            clip_config=str(clip_config) if clip_config else None,
+            device=device,
+            **options,
+        )
+        total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
+        with image_progress(total, enabled=not quiet) as advance:
+            summary = segment_images(
+                segmenter, iter_inputs(paths), vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance
+            )
+        if not quiet:
+            print_segment_summary(summary)
+        elif summary.failures:
+            for path, reason in summary.failures:
+                print(f"failed: {path}: {reason}", file=sys.stderr)
+        return EXIT_SOME_FAILED if summary.images_failed else 0
+
+    _run(body)
+
+
+@app.command()
+def models() -> None:
+    """List the model zoo and which checkpoints are already cached."""
+
+    def body() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .weights import cache_dir, zoo_rows
+
+        table = Table(title=f"ovss model zoo (cache: {cache_dir()})")
+        for col in ("name", "kind", "size", "cached", "url"):
+            table.add_column(col)
+        for row in zoo_rows():
+            table.add_row(row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no", row["url"])
+        Console().print(table)
+        return 0
+
+    _run(body)
+
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _not_implemented(command: str) -> Callable[[], int]:
+    def body() -> int:
+        raise NotImplementedYet(f"`ovss {command}` is not implemented yet")
+
+    return body
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluate on a benchmark dataset (not implemented yet)."""
+    _run(_not_implemented("evaluate"))
+
+
+@app.command("train-san", context_settings=_PASS_THROUGH)
+def train_san(ctx: typer.Context) -> None:
+    """Train SAN (not implemented yet)."""
+    _run(_not_implemented("train-san"))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def compare(ctx: typer.Context) -> None:
+    """Compare methods on the same images (not implemented yet)."""
+    _run(_not_implemented("compare"))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,137 @@
+"""SAN: official key lists, parity with the official outputs, inference details."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_image, tiny_san_config
+from ovss_cli import load_segmenter
+from ovss_cli.errors import WeightsError
+from ovss_cli.models.san.checkpoint import build_random_san, save_san_checkpoint
+from ovss_cli.models.san.config import SAN_CONFIGS, SanConfig
+from ovss_cli.models.san.model import SanModel
+from ovss_cli.models.san.segmenter import merge_synonyms, resize_image, shortest_edge_size
+from ovss_cli.vocabulary import parse_class_lines
+
+
+def read_key_file(path):
+    keys = {}
+    for line in path.read_text().splitlines():
+        name, shape = line.split(" ", 1)
+        keys[name] = tuple(json.loads(shape))
+    return keys
+
+
+def model_keys(cfg: SanConfig):
+    with torch.device("meta"):
+        model = SanModel(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model,keyfile", [("san-vit-b16", "keys-vit-b16.txt"), ("san-vit-l14", "keys-vit-l14.txt")])
+def test_state_dict_matches_official_key_list(reference_dir, model, keyfile):
+    expected = read_key_file(reference_dir / "san" / keyfile)
+    assert model_keys(SAN_CONFIGS[model]) == expected
+
+
+def test_tiny_state_dict_matches_official_key_list(reference_dir):
+    fixture = torch.load(reference_dir / "san" / "tiny-seed0.fixture.pth", weights_only=True)
+    expected = read_key_file(reference_dir / "san" / "keys-tiny.txt")
+    assert model_keys(SanConfig(clip=fixture["clip_config"])) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_official(reference_dir):
+    fixture = torch.load(reference_dir / "san" / "tiny-seed0.fixture.pth", weights_only=True)
+    segmenter = load_segmenter(
+        "san",
+        weights=str(reference_dir / "san" / "tiny-seed0.weights.pth"),
+        clip_config=fixture["clip_config"],
+        device="cpu",
+        resize_short=None,
+    )
+    return segmenter, fixture
+
+
+def test_parity_with_official_sem_seg(tiny_official):
+    segmenter, fixture = tiny_official
+    image = fixture["image_rgb_uint8"].permute(1, 2, 0).numpy()
+    pred = segmenter.predict(image, fixture["vocabulary"])
+    ref = fixture["sem_seg"]
+    assert pred.scores.shape == ref.shape
+    assert (pred.scores - ref).abs().max() <= 1e-4 * ref.abs().max()
+    agree = (pred.scores.argmax(0) == ref.argmax(0)).float().mean().item()
+    assert agree >= 0.9999
+    assert np.array_equal(pred.labels, ref.argmax(0).numpy())
+
+
+def test_text_embeddings_are_cached(tiny_official):
+    segmenter, fixture = tiny_official
+    image = random_image(64, 96)
+    before = segmenter.prompts.names_encoded
+    segmenter.predict(image, ["zebra", "giraffe"])
+    segmenter.predict(image, ["zebra", "giraffe"])
+    segmenter.predict(image, ["giraffe", "zebra", "lion"])
+    assert segmenter.prompts.names_encoded - before == 3
+
+
+def test_shortest_edge_size_follows_detectron2():
+    assert shortest_edge_size(480, 640, 640, 2560) == (640, 853)  # 853.33 -> 853
+    assert shortest_edge_size(500, 375, 640, 2560) == (853, 640)
+    assert shortest_edge_size(100, 1000, 640, 2560) == (256, 2560)  # long side capped
+    assert shortest_edge_size(333, 500, 640, 2560) == (640, 961)  # 960.96 -> 961 (round half up)
+
+
+def test_resize_uses_pil_bilinear():
+    from PIL import Image
+
+    img = random_image(30, 50)
+    out = resize_image(img, (60, 100))
+    expected = np.asarray(Image.fromarray(img).resize((100, 60), Image.BILINEAR))
+    assert np.array_equal(out, expected)
+
+
+def test_synonyms_take_the_best_name():
+    vocab = parse_class_lines(["cat: kitty", "sofa"])
+    scores = torch.tensor([[[1.0, 5.0]], [[3.0, 2.0]], [[0.5, 0.5]]])  # names: cat, kitty, sofa
+    merged = merge_synonyms(scores, vocab)
+    assert torch.equal(merged, torch.tensor([[[3.0, 5.0]], [[0.5, 0.5]]]))
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "seeded.pth"
+    save_san_checkpoint(build_random_san(tiny_san_config(), seed=1), path)
+    return load_segmenter("san", weights=str(path), device="cpu"), path
+
+
+def test_output_is_at_input_size_and_labels_are_argmax(seeded):
+    segmenter, _ = seeded
+    pred = segmenter.predict(random_image(123, 77), "cat,sofa,window")
+    assert pred.scores.shape == (3, 123, 77)
+    assert pred.labels.shape == (123, 77)
+    assert np.array_equal(pred.labels, pred.scores.argmax(0).numpy())
+
+
+def test_batch_equals_single(seeded):
+    segmenter, _ = seeded
+    images = [random_image(100, 150, seed=s) for s in range(3)] + [random_image(90, 90, seed=9)]
+    batch = segmenter.predict_batch(images, ["cat", "sofa"])
+    for image, pred in zip(images, batch):
+        single = segmenter.predict(image, ["cat", "sofa"])
+        assert torch.allclose(single.scores, pred.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_our_checkpoint_carries_its_config(seeded):
+    _, path = seeded
+    ckpt = torch.load(path, weights_only=True)
+    assert SanConfig.from_dict(ckpt["ovss_config"]) == tiny_san_config()
+
+
+def test_wrong_checkpoint_is_a_clear_error(reference_dir):
+    # The official tiny checkpoint does not fit the ViT-B/16 architecture.
+    with pytest.raises(WeightsError) as err:
+        load_segmenter("san", weights=str(reference_dir / "san" / "tiny-seed0.weights.pth"), device="cpu")
+    msg = str(err.value)
+    assert "tiny-seed0.weights.pth does not match san-vit-b16" in msg and "--clip-config" in msg
