@@ -87,8 +87,10 @@ def segment(
         from .segmenter import load_segmenter
         from .vocabulary import load_vocabulary
 
+        # Cheap checks first: a typo should not cost a model download.
         vocabulary = load_vocabulary(classes, classes_file)
         fmt = parse_formats(formats)
+        total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
         options = _method_options(precision=precision, templates=templates, progress=not quiet)
         if resize_short is not None:
             options["resize_short"] = resize_short or None  # 0 keeps the input size
@@ -100,7 +102,6 @@ def segment(
             device=device,
             **options,
         )
-        total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
         with image_progress(total, enabled=not quiet) as advance:
             summary = segment_images(
                 segmenter, iter_inputs(paths), vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance

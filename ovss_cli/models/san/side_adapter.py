@@ -49,7 +49,7 @@ class Attention(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            x = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v
+            x = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

@@ -1,0 +1,41 @@
+"""Writing benchmark results: one Markdown section per benchmark in benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+from pathlib import Path
+
+
+def machine_description() -> str:
+    """CPU model, core count, memory and OS, read from /proc where available."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def write_section(path: Path, title: str, machine: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of ``path``."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nWritten by the scripts in this folder; each section says how it was measured.\n"
+    stamp = dt.date.today().isoformat()
+    section = f"## {title}\n\nMeasured {stamp} on: {machine}.\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text.rstrip() + "\n")
