@@ -42,8 +42,9 @@ def image_progress(total: int | None, enabled: bool, label: str = "segmenting") 
                                        highlight=False)
             progress.advance(task)
             t = progress.tasks[0]
-            speed = t.speed
-            progress.update(task, rate=f"{speed:.2f}" if speed else "-", failed=failed)
+            done = t.completed - failed
+            rate = done / t.elapsed if t.elapsed and done > 0 else 0.0
+            progress.update(task, rate=f"{rate:.2f}" if rate else "-", failed=failed)
 
         yield advance
 

@@ -258,3 +258,14 @@ def test_models_lists_the_zoo():
     result = invoke("models")
     assert result.exit_code == 0
     assert "san-vit-b16" in result.output and "san-vit-l14" in result.output
+
+
+def test_more_than_255_classes_give_uint16_labels(tmp_path, seeded_san, sample_images):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(f"thing{i}" for i in range(300)) + "\n")
+    result = invoke("segment", str(sample_images / "cat.png"), "--classes-file", str(classes), "--weights",
+                    str(seeded_san), "--out", str(tmp_path / "o"), "--format", "png", "--quiet")
+    assert result.exit_code == 0, result.output
+    label = cv2.imread(str(tmp_path / "o" / "labels" / "cat.png"), cv2.IMREAD_UNCHANGED)
+    assert label.dtype == np.uint16 and label.max() < 300
+    assert json.loads((tmp_path / "o" / "classes.json").read_text())["unlabelled"] == 65535
