@@ -77,6 +77,20 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still printed."),
     resize_short: Optional[int] = typer.Option(None, "--resize-short", help="[san] Short side the image is resized to (default 640; 0 keeps the input size)."),
     templates: Optional[str] = typer.Option(None, "--templates", help="Prompt templates: vild, photo, or a file with one template per line."),
+    sam_model: Optional[str] = typer.Option(None, "--sam-model", help="[sam] SAM zoo model: sam-vit-b (default), sam-vit-l, sam-vit-h."),
+    sam_weights: Optional[Path] = typer.Option(None, "--sam-weights", help="[sam] Local SAM checkpoint."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="[sam] Local CLIP checkpoint (OpenAI/open_clip format) Alpha-CLIP builds on."),
+    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", help="[sam] Point grid per side (default 20)."),
+    points_per_batch: Optional[int] = typer.Option(None, "--points-per-batch", help="[sam] Points decoded at once (default 64)."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", help="[sam] Predicted-IoU threshold (default 0.86)."),
+    stability_score_thresh: Optional[float] = typer.Option(None, "--stability-score-thresh", help="[sam] Stability threshold (default 0.92)."),
+    crop_n_layers: Optional[int] = typer.Option(None, "--crop-n-layers", help="[sam] Crop layers (default 0)."),
+    min_mask_region_area: Optional[int] = typer.Option(None, "--min-mask-region-area", help="[sam] Minimum region area (default 100)."),
+    region: Optional[str] = typer.Option(None, "--region", help="[sam] What Alpha-CLIP sees per mask: none | blur | black | crop (default) | ellipse."),
+    no_alpha: bool = typer.Option(False, "--no-alpha", help="[sam] Feed an all-ones alpha (plain-CLIP ablation)."),
+    no_filter: bool = typer.Option(False, "--no-filter", help="[sam] Keep masks whose box lies inside a larger mask's box."),
+    fill: Optional[str] = typer.Option(None, "--fill", help="[sam] Uncovered pixels: none (unlabelled, default) | nearest (nearest mask's class)."),
+    mask_batch_size: Optional[int] = typer.Option(None, "--mask-batch-size", help="[sam] Masks per Alpha-CLIP forward (default 32)."),
 ) -> None:
     """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest."""
 
@@ -91,7 +105,15 @@ def segment(
         vocabulary = load_vocabulary(classes, classes_file)
         fmt = parse_formats(formats)
         total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
-        options = _method_options(precision=precision, templates=templates, progress=not quiet)
+        options = _method_options(
+            precision=precision, templates=templates, progress=not quiet,
+            sam_model=sam_model, sam_weights=str(sam_weights) if sam_weights else None,
+            clip_weights=str(clip_weights) if clip_weights else None, points_per_side=points_per_side,
+            points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, crop_n_layers=crop_n_layers,
+            min_mask_region_area=min_mask_region_area, region=region, no_alpha=True if no_alpha else None,
+            containment_filter=False if no_filter else None, fill=fill, mask_batch_size=mask_batch_size,
+        )
         if resize_short is not None:
             options["resize_short"] = resize_short or None  # 0 keeps the input size
         segmenter = load_segmenter(
@@ -126,12 +148,15 @@ def models() -> None:
 
         from .weights import cache_dir, zoo_rows
 
+        console = Console()
+        show_url = console.width >= 140  # URLs only where they fit on one line
         table = Table(title=f"ovss model zoo (cache: {cache_dir()})")
-        for col in ("name", "kind", "size", "cached", "url"):
-            table.add_column(col)
+        for col in ("name", "kind", "size", "cached") + (("url",) if show_url else ()):
+            table.add_column(col, no_wrap=True)
         for row in zoo_rows():
-            table.add_row(row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no", row["url"])
-        Console().print(table)
+            cells = [row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no"]
+            table.add_row(*cells, *([row["url"]] if show_url else []))
+        console.print(table)
         return 0
 
     _run(body)

@@ -109,5 +109,6 @@ def load_segmenter(
     accepted = inspect.signature(factory).parameters
     for key in method_options:
         if key not in accepted:
-            raise UsageError(f"option --{key.replace('_', '-')} does not apply to --method {method}")
+            flag = {"containment_filter": "no-filter"}.get(key, key.replace("_", "-"))
+            raise UsageError(f"option --{flag} does not apply to --method {method}")
     return factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)

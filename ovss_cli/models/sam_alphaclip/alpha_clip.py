@@ -1,0 +1,192 @@
+"""Alpha-CLIP: CLIP's ViT with a second patch projection for a 1-channel alpha (mask) input.
+
+Built on open_clip. The visual tower loads the released Alpha-CLIP checkpoints (keys
+``conv1_alpha.weight``, attention projections ``attn.in_proj.weight``) with exact key
+matching; the text tower is OpenAI CLIP's, loaded from an OpenAI or open_clip state dict.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ...clip.model import ClipTextTower, build_clip, load_clip_config, sequence_first, tokenize
+from ...errors import WeightsError
+
+# Keys of OpenAI's JIT checkpoints that are not parameters.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class AlphaClipVisual(nn.Module):
+    """CLIP ViT image encoder whose patch embedding adds ``conv1_alpha(alpha)``."""
+
+    def __init__(self, visual: VisionTransformer):
+        super().__init__()
+        width = int(visual.class_embedding.shape[0])
+        patch = visual.conv1.kernel_size
+        self.conv1 = visual.conv1
+        self.conv1_alpha = nn.Conv2d(1, width, kernel_size=patch, stride=patch, bias=False)
+        nn.init.zeros_(self.conv1_alpha.weight)
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.ln_pre = visual.ln_pre
+        self.transformer = sequence_first(visual.transformer)
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        self.image_size = int(visual.image_size[0])
+
+    def forward(self, pixels: Tensor, alpha: Tensor) -> Tensor:
+        """pixels: B x 3 x S x S (CLIP-normalised), alpha: B x 1 x S x S (normalised mask)
+        -> B x D image features (unnormalised, like the official model)."""
+        x = self.conv1(pixels) + self.conv1_alpha(alpha)
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x).permute(1, 0, 2)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        return self.ln_post(x[0]) @ self.proj
+
+
+class AlphaClip(nn.Module):
+    """Alpha-CLIP image encoder + CLIP text encoder."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        clip = build_clip(config)
+        self.visual = AlphaClipVisual(clip.visual)
+        self.text = ClipTextTower(clip)
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.text.logit_scale
+
+    def encode_image(self, pixels: Tensor, alpha: Tensor) -> Tensor:
+        return self.visual(pixels, alpha)
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """Unnormalised text features of ``prompts`` (strings)."""
+        tokens = tokenize(list(prompts), self.text.context_length).to(self.text.positional_embedding.device)
+        return self.text.encode_text(tokens)
+
+
+def infer_clip_config(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The open_clip config of an OpenAI-style CLIP ViT state dict (heads = width / 64, as
+    OpenAI's models; QuickGELU)."""
+    try:
+        width = state["visual.conv1.weight"].shape[0]
+        patch = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+        text_width = state["ln_final.weight"].shape[0]
+        text_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        return {
+            "embed_dim": int(state["text_projection"].shape[1]),
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": int(patch * grid), "layers": layers, "width": int(width),
+                           "patch_size": int(patch), "head_width": 64},
+            "text_cfg": {"context_length": int(state["positional_embedding"].shape[0]),
+                         "vocab_size": int(state["token_embedding.weight"].shape[0]),
+                         "width": int(text_width), "heads": max(1, int(text_width) // 64), "layers": text_layers},
+        }
+    except (KeyError, IndexError) as err:
+        raise WeightsError(f"not an OpenAI/open_clip CLIP ViT state dict (missing {err})") from None
+
+
+@torch.no_grad()
+def round_through_fp16(module: nn.Module) -> None:
+    """Round conv/linear/attention weights and the projections to fp16 precision, in place.
+
+    The official Alpha-CLIP loader converts CLIP to fp16 before loading weights into it (its
+    ``convert_weights``) and back to fp32 on the CPU, so CLIP's towers run with fp16-rounded
+    weights. OpenAI's released weights are fp16 already (a no-op for them); for any other
+    checkpoint this reproduces the official numbers.
+    """
+    for mod in module.modules():
+        tensors = []
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            tensors += [mod.weight, mod.bias]
+        if isinstance(mod, nn.MultiheadAttention):
+            tensors += [mod.in_proj_weight, mod.in_proj_bias]
+        for name in ("text_projection", "proj"):
+            value = getattr(mod, name, None)
+            if isinstance(value, Tensor):
+                tensors.append(value)
+        for t in tensors:
+            if t is not None and t.is_floating_point():
+                t.copy_(t.half().float())
+
+
+def _strict_load(module: nn.Module, state: dict[str, Tensor], source: str, what: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            detail.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        raise WeightsError(f"{source} is not a matching {what}: {'; '.join(detail)}")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def alpha_visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released Alpha-CLIP visual keys -> our module's (``attn.in_proj.*`` -> ``attn.in_proj_*``)."""
+    return {re.sub(r"attn\.in_proj\.(weight|bias)$", r"attn.in_proj_\1", k): v for k, v in state.items()}
+
+
+def _unwrap(state: Any, source: str) -> dict[str, Tensor]:
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"{source} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_alpha_clip(
+    clip_weights: str | Path,
+    alpha_weights: str | Path | Mapping[str, Tensor] | None,
+    device: str | torch.device = "cpu",
+    clip_config: Mapping[str, Any] | str | None = None,
+    alpha_source: str | None = None,
+) -> AlphaClip:
+    """Alpha-CLIP from a CLIP checkpoint (OpenAI or open_clip format: text tower, and the visual
+    tower when ``alpha_weights`` is None) and a released Alpha-CLIP visual checkpoint (a path, or
+    its already-loaded state dict, named in errors by ``alpha_source``)."""
+    from ...weights import load_state_file
+
+    clip_state = _unwrap(load_state_file(clip_weights), str(clip_weights))
+    for key in _OPENAI_EXTRA_KEYS:
+        clip_state.pop(key, None)
+    config = load_clip_config(clip_config) if clip_config is not None else infer_clip_config(clip_state)
+    with torch.device("meta"):
+        model = AlphaClip(config)
+    text_state = {k: v for k, v in clip_state.items() if not k.startswith("visual.")}
+    text_state["attn_mask"] = torch.full((config["text_cfg"]["context_length"],) * 2, float("-inf")).triu_(1)
+    _strict_load(model.text, text_state, str(clip_weights), "CLIP text encoder")
+    round_through_fp16(model.text)
+    if alpha_weights is not None:
+        raw = alpha_weights if isinstance(alpha_weights, Mapping) else load_state_file(alpha_weights)
+        source = alpha_source or (str(alpha_weights) if not isinstance(alpha_weights, Mapping) else "Alpha-CLIP weights")
+        visual_state = alpha_visual_state(_unwrap(dict(raw), source))
+        _strict_load(model.visual, visual_state, source, "Alpha-CLIP visual checkpoint")
+    else:  # plain CLIP with a zero alpha projection (what Alpha-CLIP starts from)
+        visual_state = {k.removeprefix("visual."): v for k, v in clip_state.items() if k.startswith("visual.")}
+        visual_state["conv1_alpha.weight"] = torch.zeros(
+            (visual_state["conv1.weight"].shape[0], 1, *visual_state["conv1.weight"].shape[2:])
+        )
+        _strict_load(model.visual, visual_state, str(clip_weights), "CLIP visual encoder")
+        round_through_fp16(model.visual)
+    return model.eval().requires_grad_(False).to(device)

@@ -1,0 +1,205 @@
+"""SAM + Alpha-CLIP behind the :class:`~ovss_cli.segmenter.Segmenter` interface.
+
+Per image: SAM proposes masks (one image embedding), the containment filter drops nested
+boxes, every mask's region is prepared (image-wide work such as the blur done once) and
+classified by Alpha-CLIP in batched forwards, then the masks are composed into labels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ...clip.templates import get_templates
+from ...clip.text import PromptEncoder
+from ...errors import UsageError
+from ...runtime import autocast, resolve_device, resolve_precision
+from ...segmenter import Prediction, Segmenter
+from ...vocabulary import Vocabulary, as_vocabulary
+from .alpha_clip import AlphaClip, load_alpha_clip
+from .compose import FILL_MODES, compose
+from .preprocess import full_alpha, preprocess_alpha, preprocess_pixels
+from .proposals import GeneratorOptions, MaskProposer, Proposal, containment_filter, load_sam
+from .regions import REGION_MODES, blur_image, region_fn
+
+DEFAULT_TEMPLATES = "photo"
+
+
+class MaskClassifier:
+    """Alpha-CLIP classification of masks against a vocabulary (text features cached)."""
+
+    def __init__(self, model: AlphaClip, device: torch.device, precision: str, templates: Sequence[str],
+                 region: str = "crop", use_alpha: bool = True, batch_size: int = 32):
+        if region not in REGION_MODES:
+            raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
+        if batch_size < 1:
+            raise UsageError("--mask-batch-size must be at least 1")
+        self.model = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.region = region
+        self.use_alpha = use_alpha
+        self.batch_size = batch_size
+        self.prompts = PromptEncoder(model.text, templates)
+
+    def text_classifier(self, vocabulary: Vocabulary) -> torch.Tensor:
+        """N_names x D unit-norm text embeddings of every name of the vocabulary."""
+        return self.prompts.embed(vocabulary.prompt_names)
+
+    def inputs(self, image: np.ndarray, masks: list[np.ndarray], blurred: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alpha-CLIP pixel and alpha tensors (M x 3 x S x S, M x 1 x S x S) for ``masks``."""
+        size = self.model.image_size
+        if self.region == "blur" and blurred is None:
+            blurred = blur_image(image)
+        make = region_fn(self.region, image, blurred)
+        if self.region == "none":  # every mask sees the same pixels
+            pixels = preprocess_pixels(image, size).expand(len(masks), -1, -1, -1)
+            regions = [(image, m) for m in masks]
+        else:
+            regions = [make(m) for m in masks]
+            pixels = torch.stack([preprocess_pixels(px, size) for px, _ in regions])
+        if self.use_alpha:
+            alphas = torch.cat([preprocess_alpha(torch.from_numpy(m)[None], size) for _, m in regions])
+        else:
+            alphas = full_alpha(len(masks), size)
+        return pixels, alphas
+
+    @torch.no_grad()
+    def logits(self, pixels: torch.Tensor, alphas: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """M x N_names logits: logit scale x cosine similarity."""
+        with autocast(self.device, self.precision):
+            feats = self.model.encode_image(pixels.to(self.device), alphas.to(self.device))
+        feats = F.normalize(feats.float(), dim=-1)
+        return self.model.logit_scale.exp().float() * feats @ text.T.to(feats)
+
+    def classify(self, image: np.ndarray, masks: list[np.ndarray], vocabulary: Vocabulary) -> np.ndarray:
+        """M x C class probabilities; a class's logit is its best name's, softmax over classes.
+        Masks go through Alpha-CLIP in chunks of ``batch_size``; the blur is computed once."""
+        text = self.text_classifier(vocabulary)
+        blurred = blur_image(image) if self.region == "blur" else None
+        chunks = []
+        for start in range(0, len(masks), self.batch_size):
+            pixels, alphas = self.inputs(image, masks[start : start + self.batch_size], blurred)
+            chunks.append(self.logits(pixels, alphas, text))
+        logits = torch.cat(chunks) if chunks else torch.zeros(0, len(vocabulary.prompt_names))
+        return class_probabilities(logits, vocabulary).cpu().numpy()
+
+
+def class_probabilities(name_logits: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+    """M x N_names logits -> M x C probabilities (each class takes its best name's logit)."""
+    index = vocabulary.name_to_class
+    if len(index) != len(vocabulary):
+        per_class = torch.full((name_logits.shape[0], len(vocabulary)), float("-inf"))
+        for name_i, class_i in enumerate(index):
+            per_class[:, class_i] = torch.maximum(per_class[:, class_i], name_logits[:, name_i])
+        name_logits = per_class
+    return name_logits.softmax(dim=-1)
+
+
+class SamAlphaClipSegmenter(Segmenter):
+    """SAM proposals classified by Alpha-CLIP."""
+
+    method = "sam"
+
+    def __init__(self, proposer: MaskProposer, classifier: MaskClassifier, *, model_name: str,
+                 containment: bool = True, fill: str = "none"):
+        if fill not in FILL_MODES:
+            raise UsageError(f"unknown --fill {fill!r}; choose one of {', '.join(FILL_MODES)}")
+        self.proposer = proposer
+        self.classifier = classifier
+        self.model_name = model_name
+        self.containment = containment
+        self.fill = fill
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "region": self.classifier.region, "precision": self.classifier.precision,
+                "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill}
+
+    def proposals(self, image: np.ndarray) -> list[Proposal]:
+        """SAM's masks, after the containment filter when it is on."""
+        found = self.proposer(image)
+        if self.containment:
+            found = [found[i] for i in containment_filter([p.bbox for p in found])]
+        return found
+
+    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
+        vocab = as_vocabulary(vocabulary)
+        masks = [p.mask for p in self.proposals(image)]
+        probs = self.classifier.classify(image, masks, vocab) if masks else np.zeros((0, len(vocab)), np.float32)
+        return compose(masks, probs, image.shape[:2], fill=self.fill)
+
+
+def matching_clip_entry(alpha_state: dict[str, torch.Tensor], source: str) -> str:
+    """The OpenAI CLIP zoo entry matching an Alpha-CLIP visual checkpoint's architecture."""
+    from ...errors import WeightsError
+
+    try:
+        width = alpha_state["conv1.weight"].shape[0]
+        grid = round((alpha_state["positional_embedding"].shape[0] - 1) ** 0.5)
+    except KeyError:
+        raise WeightsError(f"{source} is not an Alpha-CLIP visual checkpoint (no conv1.weight)") from None
+    if width == 768:
+        return "clip-vit-b16-openai"
+    if width == 1024:
+        return "clip-vit-l14-336-openai" if grid == 24 else "clip-vit-l14-openai"
+    raise WeightsError(f"{source}: no released CLIP matches this Alpha-CLIP (width {width}); pass --clip-weights FILE")
+
+
+def build_sam_alphaclip_segmenter(
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    clip_config: dict | str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    clip_weights: str | None = None,
+    sam_model: str | None = None,
+    sam_weights: str | None = None,
+    points_per_side: int = 20,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.86,
+    stability_score_thresh: float = 0.92,
+    crop_n_layers: int = 0,
+    min_mask_region_area: int = 100,
+    region: str = "crop",
+    templates: str | None = None,
+    no_alpha: bool = False,
+    containment_filter: bool = True,
+    fill: str = "none",
+    mask_batch_size: int = 32,
+    progress: bool = True,
+) -> SamAlphaClipSegmenter:
+    """Factory behind ``load_segmenter("sam", ...)``.
+
+    ``model``/``weights``: the Alpha-CLIP visual checkpoint (zoo name or file);
+    ``clip_weights``: the CLIP it builds on (default: the zoo CLIP of the same architecture);
+    ``sam_model``/``sam_weights``: the SAM checkpoint.
+    """
+    from ...weights import load_state_file, resolve_weights
+    from ...zoo import DEFAULT_ALPHA_CLIP, DEFAULT_SAM, clip_for_alpha_clip
+
+    options = GeneratorOptions(points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+                               crop_n_layers, min_mask_region_area)
+    if region not in REGION_MODES:
+        raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    alpha_name = model or DEFAULT_ALPHA_CLIP
+    alpha_path = resolve_weights(alpha_name, weights, default=DEFAULT_ALPHA_CLIP, progress=progress)
+    alpha_state = load_state_file(alpha_path)
+    if clip_weights is None:
+        clip_entry = matching_clip_entry(alpha_state, str(alpha_path)) if weights else clip_for_alpha_clip(alpha_name).name
+        clip_path = resolve_weights(clip_entry, None, default=clip_entry, progress=progress)
+    else:
+        clip_path = resolve_weights(None, clip_weights, default="", progress=progress)
+    sam_path = resolve_weights(sam_model, sam_weights, default=DEFAULT_SAM, progress=progress)
+    alpha_clip = load_alpha_clip(clip_path, alpha_state, device=dev, clip_config=clip_config, alpha_source=str(alpha_path))
+    proposer = MaskProposer(load_sam(sam_path), options, dev, prec)
+    classifier = MaskClassifier(alpha_clip, dev, prec, get_templates(templates or DEFAULT_TEMPLATES),
+                                region=region, use_alpha=not no_alpha, batch_size=mask_batch_size)
+    name = f"{sam_model or (Path(sam_weights).stem if sam_weights else DEFAULT_SAM)}+" \
+           f"{alpha_name if not weights else Path(weights).stem}"
+    return SamAlphaClipSegmenter(proposer, classifier, model_name=name, containment=containment_filter, fill=fill)
