@@ -17,7 +17,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import Tensor, nn
 
 from ...errors import UsageError, WeightsError
-from ...runtime import autocast
+from ...runtime import autocast, cast_matmul_weights
 
 SAM_IMAGE_SIZE = 1024
 SAM_PATCH = 16
@@ -117,7 +117,7 @@ class AutocastImageEncoder(nn.Module):
 
     def __init__(self, encoder: ImageEncoderViT, device: torch.device, precision: str):
         super().__init__()
-        self.encoder = encoder
+        self.encoder = cast_matmul_weights(encoder, precision)
         self.img_size = encoder.img_size
         self.device_ = device
         self.precision = precision

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
 from ...errors import UsageError
-from ...runtime import autocast, resolve_device, resolve_precision
+from ...runtime import autocast, cast_matmul_weights, resolve_device, resolve_precision
 from ...segmenter import Prediction, Segmenter
 from ...vocabulary import Vocabulary, as_vocabulary
 from .alpha_clip import AlphaClip, load_alpha_clip
@@ -38,6 +38,7 @@ class MaskClassifier:
         if batch_size < 1:
             raise UsageError("--mask-batch-size must be at least 1")
         self.model = model.to(device)
+        cast_matmul_weights(self.model.visual, precision)  # the text tower stays fp32
         self.device = device
         self.precision = precision
         self.region = region

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ...clip.model import load_clip_config
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
-from ...runtime import autocast, resolve_device, resolve_precision
+from ...runtime import autocast, cast_matmul_weights, resolve_device, resolve_precision
 from ...segmenter import Prediction, Segmenter, labels_from_scores
 from ...vocabulary import Vocabulary, as_vocabulary
 from .checkpoint import load_san_weights, read_san_checkpoint
@@ -71,6 +71,8 @@ class SanSegmenter(Segmenter):
         templates: str | None = None,
     ):
         self.model = model.eval().requires_grad_(False).to(device)
+        for part in (self.model.clip_visual_extractor, self.model.clip_rec_head, self.model.side_adapter_network):
+            cast_matmul_weights(part, precision)  # the text tower (ov_classifier) stays fp32
         self.config: SanConfig = model.config
         self.model_name = model_name
         self.device = device
