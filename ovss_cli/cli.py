@@ -5,11 +5,14 @@ without a traceback; ``--debug`` (or ``OVSS_DEBUG=1``) shows it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, get_type_hints
 
 import typer
 
@@ -21,7 +24,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Open-vocabulary semantic segmentation: label every pixel with classes named in free text.",
 )
-_state = {"debug": os.environ.get("OVSS_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("OVSS_DEBUG", "") not in ("", "0")
 
 
 def _fail(message: str, code: int) -> None:
@@ -50,47 +57,102 @@ def _run(fn: Callable[[], int]) -> None:
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    _state["debug"] = debug or _debug_from_env()
 
 
-def _method_options(**options: Any) -> dict[str, Any]:
-    """Options the user actually set (None = not given) are passed to the method's factory,
-    which rejects those that do not apply to it."""
-    return {k: v for k, v in options.items() if v is not None}
+# --- options shared by every command that builds a segmenter ------------------------------
+
+_MODEL_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("method", str, typer.Option("san", "--method", "-m", help="san | sam")),
+    ("model", Optional[str], typer.Option(None, "--model", help="Zoo model (see `ovss models`): san-vit-b16 / san-vit-l14 for san, an Alpha-CLIP entry for sam.")),
+    ("weights", Optional[Path], typer.Option(None, "--weights", help="Local checkpoint instead of the zoo download (SAN, or the Alpha-CLIP visual checkpoint for sam).")),
+    ("clip_config", Optional[Path], typer.Option(None, "--clip-config", help="open_clip model config JSON for a checkpoint on a non-standard CLIP.")),
+    ("device", str, typer.Option("auto", "--device", help="auto | cpu | cuda")),
+    ("precision", str, typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")),
+    ("templates", Optional[str], typer.Option(None, "--templates", help="Prompt templates: vild, photo, or a file with one template per line.")),
+    ("resize_short", Optional[int], typer.Option(None, "--resize-short", help="[san] Short side the image is resized to (default 640; 0 keeps the input size).")),
+    ("sam_model", Optional[str], typer.Option(None, "--sam-model", help="[sam] SAM zoo model: sam-vit-b (default), sam-vit-l, sam-vit-h.")),
+    ("sam_weights", Optional[Path], typer.Option(None, "--sam-weights", help="[sam] Local SAM checkpoint.")),
+    ("clip_weights", Optional[Path], typer.Option(None, "--clip-weights", help="[sam] Local CLIP checkpoint (OpenAI/open_clip format) Alpha-CLIP builds on.")),
+    ("points_per_side", Optional[int], typer.Option(None, "--points-per-side", help="[sam] Point grid per side (default 20).")),
+    ("points_per_batch", Optional[int], typer.Option(None, "--points-per-batch", help="[sam] Points decoded at once (default 64).")),
+    ("pred_iou_thresh", Optional[float], typer.Option(None, "--pred-iou-thresh", help="[sam] Predicted-IoU threshold (default 0.86).")),
+    ("stability_score_thresh", Optional[float], typer.Option(None, "--stability-score-thresh", help="[sam] Stability threshold (default 0.92).")),
+    ("crop_n_layers", Optional[int], typer.Option(None, "--crop-n-layers", help="[sam] Crop layers (default 0).")),
+    ("min_mask_region_area", Optional[int], typer.Option(None, "--min-mask-region-area", help="[sam] Minimum region area (default 100).")),
+    ("region", Optional[str], typer.Option(None, "--region", help="[sam] What Alpha-CLIP sees per mask: none | blur | black | crop (default) | ellipse.")),
+    ("no_alpha", bool, typer.Option(False, "--no-alpha", help="[sam] Feed an all-ones alpha (plain-CLIP ablation).")),
+    ("no_filter", bool, typer.Option(False, "--no-filter", help="[sam] Keep masks whose box lies inside a larger mask's box.")),
+    ("fill", Optional[str], typer.Option(None, "--fill", help="[sam] Uncovered pixels: none (unlabelled, default) | nearest (nearest mask's class).")),
+    ("mask_batch_size", Optional[int], typer.Option(None, "--mask-batch-size", help="[sam] Masks per Alpha-CLIP forward (default 8 on CPU, 64 on CUDA).")),
+]
+
+
+def with_model_options(func: Callable) -> Callable:
+    """Give a command the shared model options; its body receives them as ``model_options``."""
+    signature = inspect.signature(func)
+    hints = get_type_hints(func)
+    own = [p for p in signature.parameters.values() if p.name != "model_options"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, kind, option in _MODEL_OPTIONS]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        shared = {name: kwargs.pop(name) for name, _, _ in _MODEL_OPTIONS}
+        return func(**kwargs, model_options=shared)
+
+    command.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    command.__annotations__ = {**{k: v for k, v in hints.items() if k != "model_options"},
+                               **{name: kind for name, kind, _ in _MODEL_OPTIONS}}
+    return command
+
+
+def build_segmenter(options: dict[str, Any], quiet: bool):
+    """A segmenter from the shared options; method-specific ones are passed only when set, and
+    the method's factory rejects those that do not apply to it."""
+    from .segmenter import load_segmenter
+
+    o = dict(options)
+    method_options = {
+        "precision": o["precision"], "templates": o["templates"], "progress": not quiet,
+        "sam_model": o["sam_model"], "points_per_side": o["points_per_side"],
+        "points_per_batch": o["points_per_batch"], "pred_iou_thresh": o["pred_iou_thresh"],
+        "stability_score_thresh": o["stability_score_thresh"], "crop_n_layers": o["crop_n_layers"],
+        "min_mask_region_area": o["min_mask_region_area"], "region": o["region"], "fill": o["fill"],
+        "mask_batch_size": o["mask_batch_size"],
+        "sam_weights": str(o["sam_weights"]) if o["sam_weights"] else None,
+        "clip_weights": str(o["clip_weights"]) if o["clip_weights"] else None,
+        "no_alpha": True if o["no_alpha"] else None,
+        "containment_filter": False if o["no_filter"] else None,
+        "resize_short": o["resize_short"],
+    }
+    method_options = {k: v for k, v in method_options.items() if v is not None}
+    if "resize_short" in method_options:
+        method_options["resize_short"] = method_options["resize_short"] or None  # 0 keeps the input size
+    return load_segmenter(
+        o["method"],
+        model=o["model"],
+        weights=str(o["weights"]) if o["weights"] else None,
+        clip_config=str(o["clip_config"]) if o["clip_config"] else None,
+        device=o["device"],
+        **method_options,
+    )
+
+
+# --- commands --------------------------------------------------------------------------------
 
 
 @app.command()
+@with_model_options
 def segment(
     paths: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), or - to read paths from stdin."),
     classes: Optional[str] = typer.Option(None, "--classes", "-c", help='Comma-separated class names, e.g. "cat,sofa,window".'),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="One class per line; 'name: synonym, synonym' for several names."),
-    method: str = typer.Option("san", "--method", "-m", help="san | sam"),
-    model: Optional[str] = typer.Option(None, "--model", help="Zoo model name (see `ovss models`), e.g. san-vit-b16."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint to use instead of the zoo download."),
-    clip_config: Optional[Path] = typer.Option(None, "--clip-config", help="open_clip model config JSON for a checkpoint on a non-standard CLIP."),
     out: Path = typer.Option(Path("ovss_out"), "--out", "-o", help="Output folder."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16"),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     formats: str = typer.Option("png,overlay,coco,jsonl", "--format", help="Any of png,overlay,coco,jsonl."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still printed."),
-    resize_short: Optional[int] = typer.Option(None, "--resize-short", help="[san] Short side the image is resized to (default 640; 0 keeps the input size)."),
-    templates: Optional[str] = typer.Option(None, "--templates", help="Prompt templates: vild, photo, or a file with one template per line."),
-    sam_model: Optional[str] = typer.Option(None, "--sam-model", help="[sam] SAM zoo model: sam-vit-b (default), sam-vit-l, sam-vit-h."),
-    sam_weights: Optional[Path] = typer.Option(None, "--sam-weights", help="[sam] Local SAM checkpoint."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="[sam] Local CLIP checkpoint (OpenAI/open_clip format) Alpha-CLIP builds on."),
-    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", help="[sam] Point grid per side (default 20)."),
-    points_per_batch: Optional[int] = typer.Option(None, "--points-per-batch", help="[sam] Points decoded at once (default 64)."),
-    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", help="[sam] Predicted-IoU threshold (default 0.86)."),
-    stability_score_thresh: Optional[float] = typer.Option(None, "--stability-score-thresh", help="[sam] Stability threshold (default 0.92)."),
-    crop_n_layers: Optional[int] = typer.Option(None, "--crop-n-layers", help="[sam] Crop layers (default 0)."),
-    min_mask_region_area: Optional[int] = typer.Option(None, "--min-mask-region-area", help="[sam] Minimum region area (default 100)."),
-    region: Optional[str] = typer.Option(None, "--region", help="[sam] What Alpha-CLIP sees per mask: none | blur | black | crop (default) | ellipse."),
-    no_alpha: bool = typer.Option(False, "--no-alpha", help="[sam] Feed an all-ones alpha (plain-CLIP ablation)."),
-    no_filter: bool = typer.Option(False, "--no-filter", help="[sam] Keep masks whose box lies inside a larger mask's box."),
-    fill: Optional[str] = typer.Option(None, "--fill", help="[sam] Uncovered pixels: none (unlabelled, default) | nearest (nearest mask's class)."),
-    mask_batch_size: Optional[int] = typer.Option(None, "--mask-batch-size", help="[sam] Masks per Alpha-CLIP forward (default 32)."),
+    model_options: dict = None,  # type: ignore[assignment]
 ) -> None:
     """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest."""
 
@@ -98,32 +160,13 @@ def segment(
         from .io.images import iter_inputs
         from .reporting import image_progress, print_segment_summary
         from .segment import parse_formats, segment_images
-        from .segmenter import load_segmenter
         from .vocabulary import load_vocabulary
 
         # Cheap checks first: a typo should not cost a model download.
         vocabulary = load_vocabulary(classes, classes_file)
         fmt = parse_formats(formats)
         total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
-        options = _method_options(
-            precision=precision, templates=templates, progress=not quiet,
-            sam_model=sam_model, sam_weights=str(sam_weights) if sam_weights else None,
-            clip_weights=str(clip_weights) if clip_weights else None, points_per_side=points_per_side,
-            points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, crop_n_layers=crop_n_layers,
-            min_mask_region_area=min_mask_region_area, region=region, no_alpha=True if no_alpha else None,
-            containment_filter=False if no_filter else None, fill=fill, mask_batch_size=mask_batch_size,
-        )
-        if resize_short is not None:
-            options["resize_short"] = resize_short or None  # 0 keeps the input size
-        segmenter = load_segmenter(
-            method,
-            model=model,
-            weights=str(weights) if weights else None,
-            clip_config=str(clip_config) if clip_config else None,
-            device=device,
-            **options,
-        )
+        segmenter = build_segmenter(model_options, quiet)
         with image_progress(total, enabled=not quiet) as advance:
             summary = segment_images(
                 segmenter, iter_inputs(paths), vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance
@@ -139,24 +182,89 @@ def segment(
 
 
 @app.command()
+@with_model_options
+def evaluate(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="ade150 | ade847 | pc59 | pc459 | voc20 | voc21 | cocostuff171 (see `ovss datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default $DETECTRON2_DATASETS, else ./datasets)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Generic layout: folder of images."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Generic layout: folder of label PNGs/TIFFs (same relative names)."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="Generic layout: class names, one per line, label i = line i."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images."),
+    subset: Optional[float] = typer.Option(None, "--subset", help="Evaluate an evenly spread fraction of the images, e.g. 0.1."),
+    vocabulary_file: Optional[Path] = typer.Option(None, "--vocabulary-file", help="Segment with this vocabulary instead of the dataset's classes (scored by semantic similarity)."),
+    per_image_vocabulary: Optional[Path] = typer.Option(None, "--per-image-vocabulary", help="JSON mapping image -> class names (scored by semantic similarity)."),
+    synonyms: str = typer.Option("whole", "--synonyms", help="whole: a comma-separated class name is one prompt (as the official evaluation); split: its names are synonyms."),
+    per_class: bool = typer.Option(False, "--per-class", help="Print per-class IoU and accuracy."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="Write each prediction as a label PNG under OUT/predictions."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for metrics.json (default ovss_eval/<dataset>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+    model_options: dict = None,  # type: ignore[assignment]
+) -> None:
+    """Evaluate on a benchmark (mIoU, fwIoU, mACC, pACC as detectron2), or with open vocabularies."""
+
+    def body() -> int:
+        from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names
+        from .errors import UsageError
+        from .evaluate import evaluate_dataset, load_per_image_vocabulary, write_evaluation
+        from .reporting import image_progress, print_evaluation
+        from .vocabulary import read_class_file
+
+        if (dataset is None) == (images is None):
+            raise UsageError("give --dataset NAME, or --images DIR --labels DIR --classes-file F")
+        if dataset is not None:
+            data = open_dataset(dataset, dataset_root(str(data_root) if data_root else None))
+        else:
+            if labels is None or classes_file is None:
+                raise UsageError("--images needs --labels DIR and --classes-file F")
+            data = generic_dataset(images, labels, read_class_names(classes_file))
+        vocab = read_class_file(vocabulary_file) if vocabulary_file else None
+        per_image = load_per_image_vocabulary(per_image_vocabulary) if per_image_vocabulary else None
+        out_dir = out or Path("ovss_eval") / data.name
+        segmenter = build_segmenter(model_options, quiet or as_json)
+        total = len(list(data.samples(limit=limit, subset=subset)))
+        with image_progress(total, enabled=not (quiet or as_json), label=f"evaluating {data.name}") as advance:
+            result = evaluate_dataset(
+                segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
+                limit=limit, subset=subset, on_result=advance,
+                predictions_dir=out_dir / "predictions" if save_predictions else None,
+            )
+        paths = write_evaluation(result, out_dir)
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+        elif not quiet:
+            print_evaluation(result, per_class=per_class, paths=paths)
+        return EXIT_SOME_FAILED if result.failed else 0
+
+    _run(body)
+
+
+@app.command()
+def datasets(
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default $DETECTRON2_DATASETS, else ./datasets)."),
+) -> None:
+    """List the benchmark datasets and whether each is found under the dataset root."""
+
+    def body() -> int:
+        from .datasets import dataset_root, list_datasets
+        from .reporting import print_datasets
+
+        root = dataset_root(str(data_root) if data_root else None)
+        print_datasets(list_datasets(root), root)
+        return 0
+
+    _run(body)
+
+
+@app.command()
 def models() -> None:
     """List the model zoo and which checkpoints are already cached."""
 
     def body() -> int:
-        from rich.console import Console
-        from rich.table import Table
-
+        from .reporting import print_zoo
         from .weights import cache_dir, zoo_rows
 
-        console = Console()
-        show_url = console.width >= 140  # URLs only where they fit on one line
-        table = Table(title=f"ovss model zoo (cache: {cache_dir()})")
-        for col in ("name", "kind", "size", "cached") + (("url",) if show_url else ()):
-            table.add_column(col, no_wrap=True)
-        for row in zoo_rows():
-            cells = [row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no"]
-            table.add_row(*cells, *([row["url"]] if show_url else []))
-        console.print(table)
+        print_zoo(zoo_rows(), cache_dir())
         return 0
 
     _run(body)
@@ -170,12 +278,6 @@ def _not_implemented(command: str) -> Callable[[], int]:
         raise NotImplementedYet(f"`ovss {command}` is not implemented yet")
 
     return body
-
-
-@app.command(context_settings=_PASS_THROUGH)
-def evaluate(ctx: typer.Context) -> None:
-    """Evaluate on a benchmark dataset (not implemented yet)."""
-    _run(_not_implemented("evaluate"))
 
 
 @app.command("train-san", context_settings=_PASS_THROUGH)

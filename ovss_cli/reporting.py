@@ -74,3 +74,79 @@ def print_segment_summary(summary: SegmentSummary, console: Console = stderr) ->
         for path, reason in summary.failures[:20]:
             table.add_row(path, reason)
         console.print(table)
+
+
+def _pct(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN -> "-"
+
+
+def print_evaluation(result, per_class: bool = False, paths: dict | None = None, console: Console | None = None) -> None:
+    """The evaluation table (and per-class table) on stdout."""
+    console = console or Console()
+    seg = result.segmenter
+    table = Table(title=f"ovss evaluate: {result.dataset}")
+    for col in ("dataset", "method", "model", "images"):
+        table.add_column(col)
+    if result.metrics is not None:
+        for col in ("mIoU", "fwIoU", "mACC", "pACC"):
+            table.add_column(col, justify="right")
+    else:
+        for col in ("sem. similarity", "rescaled"):
+            table.add_column(col, justify="right")
+    table.add_column("images/s", justify="right")
+    row = [result.dataset, seg.get("method", ""), seg.get("model", ""),
+           f"{result.images}" + (f" ({result.failed} failed)" if result.failed else "")]
+    if result.metrics is not None:
+        m = result.metrics
+        row += [_pct(m.miou), _pct(m.fwiou), _pct(m.macc), _pct(m.pacc)]
+    elif result.similarity is not None:
+        row += [f"{result.similarity.mean:.4f}", f"{result.similarity.rescaled:.4f}"]
+    else:
+        row += ["-", "-"]
+    row.append(f"{result.images_per_second:.2f}")
+    table.add_row(*row)
+    console.print(table)
+    if per_class and result.metrics is not None:
+        pc = Table(title="per class")
+        for col, justify in (("class", "left"), ("IoU", "right"), ("ACC", "right")):
+            pc.add_column(col, justify=justify)
+        for name, iou, acc in zip(result.class_names, result.metrics.per_class_iou, result.metrics.per_class_acc):
+            pc.add_row(name, _pct(float(iou)), _pct(float(acc)))
+        console.print(pc)
+    if per_class and result.similarity is not None:
+        from .evaluate import word_class_rows
+
+        wt = Table(title="predicted word -> ground-truth classes (pixels)")
+        wt.add_column("word")
+        wt.add_column("pixels", justify="right")
+        wt.add_column("top classes")
+        for r in word_class_rows(result.similarity.table, result.words, result.class_names):
+            wt.add_row(r["word"], str(r["pixels"]), ", ".join(f"{c['class']} ({c['pixels']})" for c in r["classes"]))
+        console.print(wt)
+    for path, reason in result.failures[:20]:
+        console.print(f"[red]failed[/red] {path}: {reason}", highlight=False)
+    for name, path in (paths or {}).items():
+        console.print(f"{name}: {path}", highlight=False)
+
+
+def print_datasets(rows: list[dict], root, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"datasets (root: {root})")
+    for col in ("name", "classes", "found", "images", "path"):
+        table.add_column(col, no_wrap=col != "path", overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], str(r["classes"]), "yes" if r["found"] else "no",
+                      "-" if r["images"] is None else str(r["images"]), str(r["path"]))
+    console.print(table)
+
+
+def print_zoo(rows: list[dict], cache, console: Console | None = None) -> None:
+    console = console or Console()
+    show_url = console.width >= 140  # URLs only where they fit on one line
+    table = Table(title=f"ovss model zoo (cache: {cache})")
+    for col in ("name", "kind", "size", "cached") + (("url",) if show_url else ()):
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        cells = [row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no"]
+        table.add_row(*cells, *([row["url"]] if show_url else []))
+    console.print(table)

@@ -66,6 +66,11 @@ class Segmenter(ABC):
         vocab = as_vocabulary(vocabulary)
         return [self.predict(image, vocab) for image in images]
 
+    @abstractmethod
+    def embed_names(self, names: Sequence[str]) -> torch.Tensor:
+        """Unit-norm CLIP text embeddings of ``names`` under the method's prompt templates
+        (open-vocabulary scoring compares words through these)."""
+
     def describe(self) -> dict[str, Any]:
         """A short JSON-able description for manifests and tables."""
         return {"method": self.method, "model": self.model_name}

@@ -5,7 +5,7 @@ names). Parsing rejects empty and duplicate entries with a message naming the cu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,10 +29,14 @@ class Vocabulary:
     """An ordered set of classes; label ``i`` in every output means ``classes[i]``."""
 
     classes: tuple[VocabularyClass, ...]
+    # Benchmark class lists split into synonyms may repeat a name across classes.
+    unique_names: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise UsageError("the vocabulary is empty: give at least one class, e.g. --classes \"cat,sofa\"")
+        if not self.unique_names:
+            return
         seen: dict[str, str] = {}
         for cls in self.classes:
             for name in cls.names:
@@ -68,6 +72,21 @@ class Vocabulary:
     def from_names(cls, names: Iterable[str]) -> "Vocabulary":
         """One class per name, names used exactly as given (benchmark class lists)."""
         return cls(tuple(VocabularyClass(n) for n in names))
+
+    @classmethod
+    def for_benchmark(cls, names: Iterable[str], synonyms: str = "whole") -> "Vocabulary":
+        """A benchmark's classes. ``whole``: each name is one prompt, commas and spaces kept
+        (``"road, route"``), as the official SAN evaluation does; ``split``: comma-separated
+        names are synonyms and a class scores as its best name."""
+        if synonyms == "whole":
+            return cls(tuple(VocabularyClass(n) for n in names), unique_names=False)
+        if synonyms == "split":
+            classes = []
+            for n in names:
+                parts = [p.strip() for p in n.split(",") if p.strip()] or [n]
+                classes.append(VocabularyClass(parts[0], tuple(parts[1:])))
+            return cls(tuple(classes), unique_names=False)
+        raise UsageError(f"unknown --synonyms {synonyms!r}; use whole or split")
 
 
 def parse_class_list(text: str) -> Vocabulary:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image
+
+from ovss_cli.datasets import DATASETS
 
 # A CLIP small enough for fast CPU tests (the real tokenizer needs vocab_size 49408).
 TINY_CLIP = {
@@ -81,3 +85,64 @@ def write_seeded_sam(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(build_sam(SamArch(32, 2, 2, (1,))).state_dict(), path)
     return path
+
+
+# Synthetic datasets in each benchmark's on-disk layout.
+H, W = 8, 10
+EXPECTED_COUNTS = {
+    "ade150": 150,
+    "ade847": 847,
+    "pc59": 59,
+    "pc459": 459,
+    "voc20": 20,
+    "voc21": 21,
+    "cocostuff171": 171,
+}
+
+
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = size or (H, W)
+    rgb = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), rgb)
+
+
+def make_label(name: str, seed: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    spec = DATASETS[name]
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, EXPECTED_COUNTS[name], size=size or (H, W)).astype(np.int64)
+    label[0, :3] = spec.ignore_label
+    return label
+
+
+def write_label(path: Path, name: str, label: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = DATASETS[name]
+    if name == "voc21":  # official VOC: palette PNG whose indices are the classes
+        image = Image.fromarray(label.astype(np.uint8)).convert("P")  # L -> P keeps the values
+        palette = np.random.default_rng(1).integers(0, 256, size=768).astype(np.uint8)
+        image.putpalette(palette.tolist())
+        image.save(path)
+    elif spec.label_ext == ".tif":
+        assert cv2.imwrite(str(path), label.astype(np.uint16))
+    else:
+        assert cv2.imwrite(str(path), label.astype(np.uint8))
+
+
+def build_layout(root: Path, name: str, ids: list[str], size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Images and labels for ``ids`` in the dataset's on-disk layout; returns the labels."""
+    spec = DATASETS[name]
+    labels = {}
+    for n, sample_id in enumerate(ids):
+        write_image(root / spec.image_dir / f"{sample_id}{spec.image_ext}", n, size)
+        labels[sample_id] = make_label(name, n, size)
+        write_label(root / spec.label_dir / f"{sample_id}{spec.label_ext}", name, labels[sample_id])
+    if spec.split_file:
+        split = root / spec.split_file
+        split.parent.mkdir(parents=True, exist_ok=True)
+        split.write_text("".join(f"{i}\n" for i in ids))
+    return labels
+
+

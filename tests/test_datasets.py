@@ -23,62 +23,7 @@ from ovss_cli.datasets import (
 from ovss_cli.errors import DatasetError, UsageError
 from ovss_cli.vocabulary import Vocabulary
 
-H, W = 8, 10
-EXPECTED_COUNTS = {
-    "ade150": 150,
-    "ade847": 847,
-    "pc59": 59,
-    "pc459": 459,
-    "voc20": 20,
-    "voc21": 21,
-    "cocostuff171": 171,
-}
-
-
-# --------------------------------------------------------------------------- writers
-
-
-def write_image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
-    assert cv2.imwrite(str(path), rgb)
-
-
-def make_label(name: str, seed: int) -> np.ndarray:
-    spec = DATASETS[name]
-    rng = np.random.default_rng(seed)
-    label = rng.integers(0, EXPECTED_COUNTS[name], size=(H, W)).astype(np.int64)
-    label[0, :3] = spec.ignore_label
-    return label
-
-
-def write_label(path: Path, name: str, label: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spec = DATASETS[name]
-    if name == "voc21":  # official VOC: palette PNG whose indices are the classes
-        image = Image.fromarray(label.astype(np.uint8)).convert("P")  # L -> P keeps the values
-        palette = np.random.default_rng(1).integers(0, 256, size=768).astype(np.uint8)
-        image.putpalette(palette.tolist())
-        image.save(path)
-    elif spec.label_ext == ".tif":
-        assert cv2.imwrite(str(path), label.astype(np.uint16))
-    else:
-        assert cv2.imwrite(str(path), label.astype(np.uint8))
-
-
-def build_layout(root: Path, name: str, ids: list[str]) -> dict[str, np.ndarray]:
-    """Images and labels for ``ids`` in the dataset's on-disk layout; returns the labels."""
-    spec = DATASETS[name]
-    labels = {}
-    for n, sample_id in enumerate(ids):
-        write_image(root / spec.image_dir / f"{sample_id}{spec.image_ext}", n)
-        labels[sample_id] = make_label(name, n)
-        write_label(root / spec.label_dir / f"{sample_id}{spec.label_ext}", name, labels[sample_id])
-    if spec.split_file:
-        split = root / spec.split_file
-        split.parent.mkdir(parents=True, exist_ok=True)
-        split.write_text("".join(f"{i}\n" for i in ids))
-    return labels
+from helpers import EXPECTED_COUNTS, H, W, build_layout, make_label, write_image, write_label  # noqa: F401
 
 
 # --------------------------------------------------------------------------- class lists

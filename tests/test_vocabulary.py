@@ -65,3 +65,15 @@ def test_missing_file_and_both_options(tmp_path):
 def test_benchmark_names_kept_whole():
     v = Vocabulary.from_names(["road, route", "window "])
     assert v.prompt_names == ["road, route", "window "]
+
+
+def test_benchmark_vocabulary_whole_and_split():
+    names = ["road, route", "window ", "person, individual, someone", "road"]
+    whole = Vocabulary.for_benchmark(names, "whole")
+    assert whole.prompt_names == names and whole.name_to_class == [0, 1, 2, 3]
+    split = Vocabulary.for_benchmark(names, "split")
+    assert split.names == ["road", "window", "person", "road"]
+    assert split.prompt_names == ["road", "route", "window", "person", "individual", "someone", "road"]
+    assert split.name_to_class == [0, 0, 1, 2, 2, 2, 3]
+    with pytest.raises(UsageError, match="unknown --synonyms"):
+        Vocabulary.for_benchmark(names, "both")

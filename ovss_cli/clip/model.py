@@ -68,16 +68,32 @@ def load_clip_config(spec: str | Path | Mapping[str, Any] | None, default: str |
     return config
 
 
+class QuickGELU(nn.Module):
+    """OpenAI's GELU approximation ``x * sigmoid(1.702 x)``, computed with one temporary
+    instead of three (the same numbers as open_clip's QuickGELU, less memory traffic)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul(1.702).sigmoid_().mul_(x)
+
+
+def _lean_activations(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, open_clip.transformer.QuickGELU):
+                setattr(module, name, QuickGELU())
+    return model
+
+
 def build_clip(config: Mapping[str, Any]) -> open_clip.model.CLIP:
     """An open_clip CLIP (random init) for ``config``; callers load weights into its parts."""
     cfg = dict(config)
     try:
-        return open_clip.model.CLIP(
+        return _lean_activations(open_clip.model.CLIP(
             embed_dim=cfg["embed_dim"],
             vision_cfg=dict(cfg["vision_cfg"]),
             text_cfg=dict(cfg["text_cfg"]),
             quick_gelu=bool(cfg.get("quick_gelu", False)),
-        )
+        ))
     except (TypeError, ValueError, AssertionError) as err:
         raise UsageError(f"invalid CLIP config: {err}") from None
 

@@ -32,7 +32,7 @@ class MaskClassifier:
     """Alpha-CLIP classification of masks against a vocabulary (text features cached)."""
 
     def __init__(self, model: AlphaClip, device: torch.device, precision: str, templates: Sequence[str],
-                 region: str = "crop", use_alpha: bool = True, batch_size: int = 32):
+                 region: str = "crop", use_alpha: bool = True, batch_size: int = 8):
         if region not in REGION_MODES:
             raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
         if batch_size < 1:
@@ -119,6 +119,9 @@ class SamAlphaClipSegmenter(Segmenter):
         return {**super().describe(), "region": self.classifier.region, "precision": self.classifier.precision,
                 "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill}
 
+    def embed_names(self, names: Sequence[str]) -> torch.Tensor:
+        return self.classifier.prompts.embed(list(names))
+
     def proposals(self, image: np.ndarray) -> list[Proposal]:
         """SAM's masks, after the containment filter when it is on."""
         found = self.proposer(image)
@@ -170,7 +173,7 @@ def build_sam_alphaclip_segmenter(
     no_alpha: bool = False,
     containment_filter: bool = True,
     fill: str = "none",
-    mask_batch_size: int = 32,
+    mask_batch_size: int | None = None,
     progress: bool = True,
 ) -> SamAlphaClipSegmenter:
     """Factory behind ``load_segmenter("sam", ...)``.
@@ -199,6 +202,8 @@ def build_sam_alphaclip_segmenter(
     sam_path = resolve_weights(sam_model, sam_weights, default=DEFAULT_SAM, progress=progress)
     alpha_clip = load_alpha_clip(clip_path, alpha_state, device=dev, clip_config=clip_config, alpha_source=str(alpha_path))
     proposer = MaskProposer(load_sam(sam_path), options, dev, prec)
+    if mask_batch_size is None:  # measured best on a 2-core AVX512 CPU; GPUs want big batches
+        mask_batch_size = 8 if dev.type == "cpu" else 64
     classifier = MaskClassifier(alpha_clip, dev, prec, get_templates(templates or DEFAULT_TEMPLATES),
                                 region=region, use_alpha=not no_alpha, batch_size=mask_batch_size)
     name = f"{sam_model or (Path(sam_weights).stem if sam_weights else DEFAULT_SAM)}+" \

@@ -87,6 +87,9 @@ class SanSegmenter(Segmenter):
         return {**super().describe(), "precision": self.precision, "resize_short": self.resize_short}
 
     # -- text side -------------------------------------------------------------------------
+    def embed_names(self, names: Sequence[str]) -> Tensor:
+        return self.prompts.embed(list(names))
+
     def classifier(self, vocabulary: Vocabulary) -> Tensor:
         """(N+1) x D classifier over every prompt name of the vocabulary plus background."""
         key = tuple(vocabulary.prompt_names)
