@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from .errors import OvssError
-from .segmenter import UNLABELLED, Prediction, Segment, Segmenter, load_segmenter
+from .segmenter import OTHER, UNLABELLED, Prediction, Segment, Segmenter, load_segmenter
 from .vocabulary import Vocabulary, VocabularyClass
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OTHER",
     "OvssError",
     "Prediction",
     "Segment",

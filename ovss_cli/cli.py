@@ -85,6 +85,8 @@ _MODEL_OPTIONS: list[tuple[str, Any, Any]] = [
     ("no_filter", bool, typer.Option(False, "--no-filter", help="[sam] Keep masks whose box lies inside a larger mask's box.")),
     ("fill", Optional[str], typer.Option(None, "--fill", help="[sam] Uncovered pixels: none (unlabelled, default) | nearest (nearest mask's class).")),
     ("mask_batch_size", Optional[int], typer.Option(None, "--mask-batch-size", help="[sam] Masks per Alpha-CLIP forward (default 8 on CPU, 64 on CUDA).")),
+    ("min_score", Optional[float], typer.Option(None, "--min-score", help="[sam] A mask whose best class probability is below this is 'other' (default 0.2; 0 turns it off).")),
+    ("tta", bool, typer.Option(False, "--tta", help="[san] Test-time augmentation: short sides 320..1120, each also flipped, scores averaged.")),
 ]
 
 
@@ -119,7 +121,8 @@ def build_segmenter(options: dict[str, Any], quiet: bool):
         "points_per_batch": o["points_per_batch"], "pred_iou_thresh": o["pred_iou_thresh"],
         "stability_score_thresh": o["stability_score_thresh"], "crop_n_layers": o["crop_n_layers"],
         "min_mask_region_area": o["min_mask_region_area"], "region": o["region"], "fill": o["fill"],
-        "mask_batch_size": o["mask_batch_size"],
+        "mask_batch_size": o["mask_batch_size"], "min_score": o["min_score"],
+        "tta": True if o["tta"] else None,
         "sam_weights": str(o["sam_weights"]) if o["sam_weights"] else None,
         "clip_weights": str(o["clip_weights"]) if o["clip_weights"] else None,
         "no_alpha": True if o["no_alpha"] else None,
@@ -151,6 +154,7 @@ def segment(
     out: Path = typer.Option(Path("ovss_out"), "--out", "-o", help="Output folder."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     formats: str = typer.Option("png,overlay,coco,jsonl", "--format", help="Any of png,overlay,coco,jsonl."),
+    distractors: str = typer.Option("coco-all", "--distractors", help="Names that compete with your classes; what they win is 'other': coco-all | coco-stuff | none | FILE."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still printed."),
     model_options: dict = None,  # type: ignore[assignment]
 ) -> None:
@@ -159,11 +163,12 @@ def segment(
     def body() -> int:
         from .io.images import iter_inputs
         from .reporting import image_progress, print_segment_summary
+        from .distractors import distractor_names
         from .segment import parse_formats, segment_images
         from .vocabulary import load_vocabulary
 
         # Cheap checks first: a typo should not cost a model download.
-        vocabulary = load_vocabulary(classes, classes_file)
+        vocabulary = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors))
         fmt = parse_formats(formats)
         total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
         segmenter = build_segmenter(model_options, quiet)
@@ -194,6 +199,7 @@ def evaluate(
     vocabulary_file: Optional[Path] = typer.Option(None, "--vocabulary-file", help="Segment with this vocabulary instead of the dataset's classes (scored by semantic similarity)."),
     per_image_vocabulary: Optional[Path] = typer.Option(None, "--per-image-vocabulary", help="JSON mapping image -> class names (scored by semantic similarity)."),
     synonyms: str = typer.Option("whole", "--synonyms", help="whole: a comma-separated class name is one prompt (as the official evaluation); split: its names are synonyms."),
+    distractors: str = typer.Option("none", "--distractors", help="Extra competing names (coco-all | coco-stuff | none | FILE); pixels they win count as misses."),
     per_class: bool = typer.Option(False, "--per-class", help="Print per-class IoU and accuracy."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write each prediction as a label PNG under OUT/predictions."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for metrics.json (default ovss_eval/<dataset>)."),
@@ -205,6 +211,7 @@ def evaluate(
 
     def body() -> int:
         from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names
+        from .distractors import distractor_names
         from .errors import UsageError
         from .evaluate import evaluate_dataset, load_per_image_vocabulary, write_evaluation
         from .reporting import image_progress, print_evaluation
@@ -226,7 +233,7 @@ def evaluate(
         with image_progress(total, enabled=not (quiet or as_json), label=f"evaluating {data.name}") as advance:
             result = evaluate_dataset(
                 segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
-                limit=limit, subset=subset, on_result=advance,
+                distractors=distractor_names(distractors), limit=limit, subset=subset, on_result=advance,
                 predictions_dir=out_dir / "predictions" if save_predictions else None,
             )
         paths = write_evaluation(result, out_dir)

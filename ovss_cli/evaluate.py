@@ -22,7 +22,7 @@ from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
 from .io.outputs import write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
-from .segmenter import Prediction, Segmenter
+from .segmenter import OTHER, UNLABELLED, Prediction, Segmenter
 from .vocabulary import Vocabulary
 
 
@@ -142,6 +142,7 @@ def evaluate_dataset(
     vocabulary: Vocabulary | None = None,
     per_image_vocabulary: Mapping[str, list[str]] | None = None,
     synonyms: str = "whole",
+    distractors: Sequence[str] = (),
     limit: int | None = None,
     subset: float | None = None,
     predictions_dir: str | Path | None = None,
@@ -150,6 +151,7 @@ def evaluate_dataset(
     """Run ``segmenter`` over ``dataset`` and score it (see the module docstring).
 
     ``vocabulary`` / ``per_image_vocabulary`` switch to open-vocabulary scoring;
+    ``distractors`` compete with the classes (pixels they win count as misses);
     ``predictions_dir`` saves each prediction as a label PNG named after the sample id.
     """
     if vocabulary is not None and per_image_vocabulary is not None:
@@ -174,16 +176,19 @@ def evaluate_dataset(
             vocab = Vocabulary.for_benchmark(_vocab_for(sample, per_image_vocabulary), "whole")
         else:
             vocab = vocabulary or bench_vocab
+        if distractors:
+            vocab = vocab.with_distractors(distractors)
         try:
             prediction: Prediction = segmenter.predict(image, vocab)
         except Exception as err:
             _fail(result, sample, err, on_result)
             continue
+        predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
         if confusion is not None:
-            confusion.update(prediction.labels, label)
+            confusion.update(predicted, label)
         else:
             table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
-            table.update(prediction.labels, label)
+            table.update(predicted, label)
             unlabelled += table.unlabelled
             for i, name in enumerate(vocab.names):
                 if name not in word_ids:
@@ -192,7 +197,7 @@ def evaluate_dataset(
                     counts.append(np.zeros(dataset.num_classes, np.int64))
                 counts[word_ids[name]] += table.counts[i]
         if predictions_dir is not None:
-            write_label_png(Path(predictions_dir) / f"{sample.id}.png", prediction.labels, len(vocab))
+            write_label_png(Path(predictions_dir) / f"{sample.id}.png", predicted, len(vocab))
         result.images += 1
         if on_result is not None:
             on_result(SampleResult(sample, ok=True, seconds=time.perf_counter() - t0))

@@ -65,7 +65,8 @@ def print_segment_summary(summary: SegmentSummary, console: Console = stderr) ->
         table.add_column("mean area", justify="right")
         for c, n in summary.class_images.most_common():
             mean = summary.class_fraction_sum[c] / n
-            table.add_row(summary.vocabulary.names[c], str(n), f"{100 * mean:.1f}%")
+            name = summary.vocabulary.names[c] if c < len(summary.vocabulary) else "other"
+            table.add_row(name, str(n), f"{100 * mean:.1f}%")
         console.print(table)
     if summary.failures:
         table = Table(title=f"failures ({summary.images_failed})")

@@ -28,7 +28,7 @@ from .io.outputs import (
     write_legend,
     write_rgb_png,
 )
-from .segmenter import Prediction, Segment, Segmenter
+from .segmenter import OTHER, Prediction, Segment, Segmenter
 from .vocabulary import Vocabulary
 
 FORMATS = ("png", "overlay", "coco", "jsonl")
@@ -87,9 +87,20 @@ class SegmentSummary:
                 self.failures.append((str(result.input.path), result.error or "failed"))
 
 
+OTHER_NAME = "other"
+OTHER_COLOR = (128, 128, 128)
+
+
+def output_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labels as written to files: "other" becomes the value ``num_classes`` (the class after
+    the vocabulary's), unlabelled stays -1."""
+    return np.where(labels == OTHER, num_classes, labels) if (labels == OTHER).any() else labels
+
+
 def class_fractions(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Fraction of the image's pixels given to each present class."""
-    counts = np.bincount(labels[labels >= 0].ravel(), minlength=num_classes)
+    """Fraction of the image's pixels given to each present class ("other" is ``num_classes``)."""
+    labels = output_labels(labels, num_classes)
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=num_classes + 1)
     total = labels.size
     return {int(c): float(counts[c]) / total for c in np.flatnonzero(counts)}
 
@@ -114,20 +125,29 @@ class OutputWriter:
     """Writes one run's files under ``out_dir``: ``labels/<rel>.png``,
     ``overlays/<rel>.png``, ``classes.json``, ``coco.json``, ``manifest.jsonl``."""
 
-    def __init__(self, out_dir: Path, vocabulary: Vocabulary, formats: Sequence[str], run_info: dict):
+    def __init__(self, out_dir: Path, vocabulary: Vocabulary, formats: Sequence[str], run_info: dict,
+                 other: bool = False):
         self.out_dir = Path(out_dir)
         self.vocabulary = vocabulary
         self.formats = set(formats)
         self.num_classes = len(vocabulary)
-        self.colors = class_colors(self.num_classes)
+        # With "other" possible, label value num_classes is reserved for it.
+        self.num_values = self.num_classes + 1 if other else self.num_classes
+        self.names = vocabulary.names + [OTHER_NAME]
+        self.colors = np.vstack([class_colors(self.num_classes), np.array([OTHER_COLOR], np.uint8)])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.legend_path = self.out_dir / "classes.json"
         write_legend(
             self.legend_path,
             vocabulary.names,
             [list(c.synonyms) for c in vocabulary.classes],
-            label_png_dtype(self.num_classes),
-            extra={"run": run_info},
+            label_png_dtype(self.num_values),
+            extra={
+                "other": self.num_classes if other else None,
+                "other_means": "pixels won by a distractor name (or, for sam, masks below --min-score)",
+                "distractors": list(vocabulary.distractors),
+                "run": run_info,
+            },
         )
         self.coco = RunningCocoWriter(self.out_dir / "coco.json", vocabulary.names,
                                       [list(c.synonyms) for c in vocabulary.classes]) if "coco" in self.formats else None
@@ -143,13 +163,14 @@ class OutputWriter:
 
     def write(self, item: InputImage, image: np.ndarray, prediction: Prediction, result: ImageResult) -> None:
         stem = output_stem(item.rel)
+        labels = output_labels(prediction.labels, self.num_classes)
         if "png" in self.formats:
             path = self.out_dir / "labels" / stem.with_suffix(".png")
-            write_label_png(path, prediction.labels, self.num_classes)
+            write_label_png(path, labels, self.num_values)
             result.outputs["png"] = str(path)
         if "overlay" in self.formats:
             path = self.out_dir / "overlays" / stem.with_suffix(".png")
-            write_rgb_png(path, render_overlay(image, prediction.labels, self.vocabulary.names, self.colors))
+            write_rgb_png(path, render_overlay(image, labels, self.names, self.colors))
             result.outputs["overlay"] = str(path)
         if self.coco is not None:
             image_id = self.coco.add_image(item.rel.as_posix(), *prediction.labels.shape)
@@ -164,7 +185,7 @@ class OutputWriter:
         if result.ok:
             rec["outputs"] = {k: v for k, v in result.outputs.items() if k != "coco_image_id"}
             rec["classes"] = [
-                {"id": c, "name": self.vocabulary.names[c], "fraction": round(f, 6)}
+                {"id": c, "name": self.names[c], "fraction": round(f, 6)}
                 for c, f in sorted(result.class_fractions.items(), key=lambda kv: -kv[1])
             ]
             if result.warnings:
@@ -224,7 +245,8 @@ def segment_images(
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    writer = OutputWriter(Path(out_dir), vocabulary, formats, run_info=segmenter.describe())
+    writer = OutputWriter(Path(out_dir), vocabulary, formats, run_info=segmenter.describe(),
+                          other=segmenter.can_label_other(vocabulary))
     summary = SegmentSummary(vocabulary, outputs=writer.paths())
     start = time.perf_counter()
     try:

@@ -19,6 +19,8 @@ from .vocabulary import Vocabulary, as_vocabulary
 
 # Label value for pixels no class was given to (e.g. no SAM mask covers them).
 UNLABELLED = -1
+# Label value for pixels won by a distractor (or a mask below the minimum score): "other".
+OTHER = -2
 
 
 @dataclass
@@ -34,8 +36,9 @@ class Segment:
 class Prediction:
     """What a segmenter returns for one image.
 
-    ``scores`` is C x H x W (float32, on the CPU) at the input image's size: for SAN the
-    official ``sem_seg``. ``labels`` is H x W int32: a class index, or :data:`UNLABELLED`.
+    ``scores`` is C x H x W (float32, on the CPU) at the input image's size, one channel per
+    vocabulary class: for SAN the official ``sem_seg``. ``labels`` is H x W int32: a class
+    index, :data:`UNLABELLED`, or :data:`OTHER` (won by a distractor).
     """
 
     scores: torch.Tensor
@@ -44,9 +47,13 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
 
 
-def labels_from_scores(scores: torch.Tensor) -> np.ndarray:
-    """Arg-max labels (int32) of a C x H x W score map."""
-    return scores.argmax(dim=0).to(torch.int32).numpy()
+def labels_from_scores(scores: torch.Tensor, num_classes: int | None = None) -> np.ndarray:
+    """Arg-max labels (int32) of a G x H x W score map whose first ``num_classes`` channels are
+    the vocabulary's classes and the rest distractors (their wins become :data:`OTHER`)."""
+    labels = scores.argmax(dim=0).to(torch.int32).numpy()
+    if num_classes is not None and num_classes < scores.shape[0]:
+        labels[labels >= num_classes] = OTHER
+    return labels
 
 
 class Segmenter(ABC):
@@ -65,6 +72,10 @@ class Segmenter(ABC):
         """Segment several images; methods override this to batch their forward passes."""
         vocab = as_vocabulary(vocabulary)
         return [self.predict(image, vocab) for image in images]
+
+    def can_label_other(self, vocabulary: Vocabulary) -> bool:
+        """Whether predictions may contain :data:`OTHER` (outputs reserve a value for it)."""
+        return bool(vocabulary.distractors)
 
     @abstractmethod
     def embed_names(self, names: Sequence[str]) -> torch.Tensor:

@@ -31,6 +31,8 @@ class Vocabulary:
     classes: tuple[VocabularyClass, ...]
     # Benchmark class lists split into synonyms may repeat a name across classes.
     unique_names: bool = field(default=True, compare=False)
+    # Extra names that compete with the classes; pixels they win are reported as "other".
+    distractors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -60,13 +62,33 @@ class Vocabulary:
 
     @property
     def prompt_names(self) -> list[str]:
-        """Every name of every class, flattened in class order (what the text encoder sees)."""
-        return [n for c in self.classes for n in c.names]
+        """Every name of every class in class order, then the distractors (what the text
+        encoder sees)."""
+        return [n for c in self.classes for n in c.names] + list(self.distractors)
 
     @property
     def name_to_class(self) -> list[int]:
-        """For each entry of :attr:`prompt_names`, the index of the class it belongs to."""
-        return [i for i, c in enumerate(self.classes) for _ in c.names]
+        """For each entry of :attr:`prompt_names`, the index of the class it belongs to;
+        distractor ``j`` counts as its own class ``len(self) + j``."""
+        own = [i for i, c in enumerate(self.classes) for _ in c.names]
+        return own + [len(self.classes) + j for j in range(len(self.distractors))]
+
+    @property
+    def num_competitors(self) -> int:
+        """Classes plus distractors: everything a pixel or mask can be assigned to."""
+        return len(self.classes) + len(self.distractors)
+
+    def with_distractors(self, names: Iterable[str]) -> "Vocabulary":
+        """This vocabulary plus distractor names, skipping any equal (ignoring case and
+        surrounding spaces) to one of the classes' names, and repeats."""
+        taken = {n.strip().lower() for c in self.classes for n in c.names}
+        kept: list[str] = []
+        for name in names:
+            key = name.strip().lower()
+            if key and key not in taken:
+                taken.add(key)
+                kept.append(name)
+        return Vocabulary(self.classes, self.unique_names, tuple(kept))
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> "Vocabulary":

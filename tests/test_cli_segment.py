@@ -35,7 +35,7 @@ def sample_files(sample_images: Path) -> list[Path]:
 def full_run(tmp_path_factory, seeded_san, sample_images):
     out = tmp_path_factory.mktemp("run")
     result = invoke("segment", str(sample_images), "--classes", CLASSES, "--weights", str(seeded_san),
-                    "--out", str(out), "--batch-size", "2", "--device", "cpu")
+                    "--out", str(out), "--batch-size", "2", "--device", "cpu", "--distractors", "none")
     return result, out
 
 
@@ -123,7 +123,7 @@ def test_official_tiny_checkpoint_with_clip_config(tmp_path, reference_dir):
     result = invoke("segment", str(image.parent), "--classes", ",".join(fixture["vocabulary"]),
                     "--weights", str(reference_dir / "san" / "tiny-seed0.weights.pth"),
                     "--clip-config", str(config), "--resize-short", "0", "--format", "png", "--out", str(tmp_path / "o"),
-                    "--quiet")
+                    "--quiet", "--distractors", "none")
     assert result.exit_code == 0, result.output
     label = cv2.imread(str(tmp_path / "o" / "labels" / "fixture.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(label, fixture["sem_seg"].argmax(0).numpy().astype(np.uint8))
@@ -264,7 +264,7 @@ def test_more_than_255_classes_give_uint16_labels(tmp_path, seeded_san, sample_i
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(f"thing{i}" for i in range(300)) + "\n")
     result = invoke("segment", str(sample_images / "cat.png"), "--classes-file", str(classes), "--weights",
-                    str(seeded_san), "--out", str(tmp_path / "o"), "--format", "png", "--quiet")
+                    str(seeded_san), "--out", str(tmp_path / "o"), "--format", "png", "--quiet", "--distractors", "none")
     assert result.exit_code == 0, result.output
     label = cv2.imread(str(tmp_path / "o" / "labels" / "cat.png"), cv2.IMREAD_UNCHANGED)
     assert label.dtype == np.uint16 and label.max() < 300

@@ -287,7 +287,7 @@ def test_cli_end_to_end(tmp_path, tiny_models, sample_images):
         "--classes", "cat,rocket,sky", "--weights", str(tiny_models["alpha"]), "--clip-weights",
         str(tiny_models["clip"]), "--sam-weights", str(tiny_models["sam"]), "--points-per-side", "4",
         "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--region", "blur", "--fill", "nearest",
-        "--out", str(out), "--device", "cpu",
+        "--out", str(out), "--device", "cpu", "--distractors", "none", "--min-score", "0",
     ])
     assert result.exit_code == 0, result.output
     coco = COCO(str(out / "coco.json"))

@@ -2,7 +2,8 @@
 
 Masks are painted in order of decreasing area, so smaller masks win where they overlap a
 larger one; each pixel takes the class probabilities of the mask that owns it. Pixels no mask
-covers stay unlabelled, or take the nearest mask's class with ``fill="nearest"``.
+covers stay unlabelled, or take the nearest mask's class with ``fill="nearest"``. A mask won
+by a distractor, or whose best probability is below ``min_score``, is "other" (no segment).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ...errors import UsageError
-from ...segmenter import UNLABELLED, Prediction, Segment
+from ...segmenter import OTHER, UNLABELLED, Prediction, Segment
 
 FILL_MODES = ("none", "nearest")
 
@@ -41,11 +42,13 @@ def fill_nearest(owner: np.ndarray) -> np.ndarray:
     return filled
 
 
-def compose(masks: list[np.ndarray], probs: np.ndarray, shape: tuple[int, int], fill: str = "none") -> Prediction:
-    """Prediction from M masks and their M x C class probabilities."""
+def compose(masks: list[np.ndarray], probs: np.ndarray, shape: tuple[int, int], num_classes: int | None = None,
+            fill: str = "none", min_score: float = 0.0) -> Prediction:
+    """Prediction from M masks and their M x G probabilities over the vocabulary's
+    ``num_classes`` classes followed by its distractors."""
     if fill not in FILL_MODES:
         raise UsageError(f"unknown --fill {fill!r}; choose one of {', '.join(FILL_MODES)}")
-    num_classes = probs.shape[1]
+    num_classes = probs.shape[1] if num_classes is None else num_classes
     if not masks:
         return Prediction(
             scores=torch.zeros(num_classes, *shape),
@@ -56,10 +59,12 @@ def compose(masks: list[np.ndarray], probs: np.ndarray, shape: tuple[int, int], 
     owner = owner_map(masks, shape)
     if fill == "nearest":
         owner = fill_nearest(owner)
-    classes = probs.argmax(axis=1).astype(np.int32)
+    best = probs.argmax(axis=1)
+    best_prob = probs[np.arange(len(masks)), best]
+    classes = np.where((best < num_classes) & (best_prob >= min_score), best, OTHER).astype(np.int32)
     # index -1 -> the extra last row (no class, zero scores)
     labels = np.append(classes, UNLABELLED).astype(np.int32)[owner]
-    table = np.vstack([probs, np.zeros((1, num_classes), dtype=probs.dtype)]).astype(np.float32)
+    table = np.vstack([probs[:, :num_classes], np.zeros((1, num_classes), dtype=probs.dtype)]).astype(np.float32)
     scores = torch.from_numpy(np.ascontiguousarray(table[owner].transpose(2, 0, 1)))
-    segments = [Segment(int(classes[i]), float(probs[i, classes[i]]), masks[i]) for i in range(len(masks))]
+    segments = [Segment(int(classes[i]), float(best_prob[i]), masks[i]) for i in range(len(masks)) if classes[i] >= 0]
     return Prediction(scores=scores, labels=labels, segments=segments)

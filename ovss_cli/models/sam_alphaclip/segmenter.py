@@ -26,6 +26,8 @@ from .proposals import GeneratorOptions, MaskProposer, Proposal, containment_fil
 from .regions import REGION_MODES, blur_image, region_fn
 
 DEFAULT_TEMPLATES = "photo"
+# A mask whose best class holds less than this share of the probability is "other" (README).
+DEFAULT_MIN_SCORE = 0.2
 
 
 class MaskClassifier:
@@ -90,10 +92,11 @@ class MaskClassifier:
 
 
 def class_probabilities(name_logits: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-    """M x N_names logits -> M x C probabilities (each class takes its best name's logit)."""
+    """M x N_names logits -> M x G probabilities over the classes and then each distractor
+    (a class takes its best name's logit; softmax over all G competitors)."""
     index = vocabulary.name_to_class
-    if len(index) != len(vocabulary):
-        per_class = torch.full((name_logits.shape[0], len(vocabulary)), float("-inf"))
+    if len(index) != vocabulary.num_competitors:
+        per_class = torch.full((name_logits.shape[0], vocabulary.num_competitors), float("-inf"))
         for name_i, class_i in enumerate(index):
             per_class[:, class_i] = torch.maximum(per_class[:, class_i], name_logits[:, name_i])
         name_logits = per_class
@@ -106,18 +109,25 @@ class SamAlphaClipSegmenter(Segmenter):
     method = "sam"
 
     def __init__(self, proposer: MaskProposer, classifier: MaskClassifier, *, model_name: str,
-                 containment: bool = True, fill: str = "none"):
+                 containment: bool = True, fill: str = "none", min_score: float = DEFAULT_MIN_SCORE):
         if fill not in FILL_MODES:
             raise UsageError(f"unknown --fill {fill!r}; choose one of {', '.join(FILL_MODES)}")
+        if not 0.0 <= min_score <= 1.0:
+            raise UsageError(f"--min-score must be a probability in [0, 1], got {min_score}")
         self.proposer = proposer
         self.classifier = classifier
         self.model_name = model_name
         self.containment = containment
         self.fill = fill
+        self.min_score = min_score
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "region": self.classifier.region, "precision": self.classifier.precision,
-                "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill}
+                "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill,
+                "min_score": self.min_score}
+
+    def can_label_other(self, vocabulary: Vocabulary) -> bool:
+        return bool(vocabulary.distractors) or self.min_score > 0
 
     def embed_names(self, names: Sequence[str]) -> torch.Tensor:
         return self.classifier.prompts.embed(list(names))
@@ -132,8 +142,9 @@ class SamAlphaClipSegmenter(Segmenter):
     def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
         vocab = as_vocabulary(vocabulary)
         masks = [p.mask for p in self.proposals(image)]
-        probs = self.classifier.classify(image, masks, vocab) if masks else np.zeros((0, len(vocab)), np.float32)
-        return compose(masks, probs, image.shape[:2], fill=self.fill)
+        probs = (self.classifier.classify(image, masks, vocab) if masks
+                 else np.zeros((0, vocab.num_competitors), np.float32))
+        return compose(masks, probs, image.shape[:2], len(vocab), fill=self.fill, min_score=self.min_score)
 
 
 def matching_clip_entry(alpha_state: dict[str, torch.Tensor], source: str) -> str:
@@ -174,6 +185,7 @@ def build_sam_alphaclip_segmenter(
     containment_filter: bool = True,
     fill: str = "none",
     mask_batch_size: int | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
     progress: bool = True,
 ) -> SamAlphaClipSegmenter:
     """Factory behind ``load_segmenter("sam", ...)``.
@@ -208,4 +220,5 @@ def build_sam_alphaclip_segmenter(
                                 region=region, use_alpha=not no_alpha, batch_size=mask_batch_size)
     name = f"{sam_model or (Path(sam_weights).stem if sam_weights else DEFAULT_SAM)}+" \
            f"{alpha_name if not weights else Path(weights).stem}"
-    return SamAlphaClipSegmenter(proposer, classifier, model_name=name, containment=containment_filter, fill=fill)
+    return SamAlphaClipSegmenter(proposer, classifier, model_name=name, containment=containment_filter, fill=fill,
+                                 min_score=min_score)

@@ -26,6 +26,11 @@ from .model import SanModel
 
 DEFAULT_MODEL = "san-vit-b16"
 QUERY_CHUNK = 20  # queries upsampled at once in post-processing (bounds memory on large images)
+# Official test-time augmentation: these short sides (long side at most 4480), each also flipped.
+TTA_SHORT_SIDES = (320, 480, 640, 800, 960, 1120)
+TTA_MAX_SIZE = 4480
+SCORE_BUDGET = 1 << 28  # score-map values per image built at full size (1 GiB in fp32)
+VIEW_PIXELS = 4 * 640 * 864  # padded pixels per forward: bounds activation memory in batches
 
 
 def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
@@ -50,9 +55,12 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @dataclass
-class _Prepared:
+class _View:
+    """One (possibly augmented) view of an input image, ready for the network."""
+
+    image: int  # index of the input image it comes from
     tensor: Tensor  # 3 x h x w, normalised, unpadded
-    out_size: tuple[int, int]  # the original image size
+    flip: bool
 
 
 class SanSegmenter(Segmenter):
@@ -68,7 +76,9 @@ class SanSegmenter(Segmenter):
         device: torch.device,
         precision: str = "fp32",
         resize_short: int | None = 640,
+        max_size: int | None = None,
         templates: str | None = None,
+        tta: bool = False,
     ):
         self.model = model.eval().requires_grad_(False).to(device)
         for part in (self.model.clip_visual_extractor, self.model.clip_rec_head, self.model.side_adapter_network):
@@ -78,13 +88,16 @@ class SanSegmenter(Segmenter):
         self.device = device
         self.precision = precision
         self.resize_short = resize_short
+        self.max_size = max_size or self.config.max_size_test
+        self.tta = tta
         self.prompts = PromptEncoder(self.model.ov_classifier, get_templates(templates or self.config.templates))
         self.pixel_mean = torch.tensor([255.0 * m for m in CLIP_MEAN], device=device).view(3, 1, 1)
         self.pixel_std = torch.tensor([255.0 * s for s in CLIP_STD], device=device).view(3, 1, 1)
         self._classifiers: dict[tuple[str, ...], Tensor] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "precision": self.precision, "resize_short": self.resize_short}
+        return {**super().describe(), "precision": self.precision, "resize_short": self.resize_short,
+                "tta": self.tta}
 
     # -- text side -------------------------------------------------------------------------
     def embed_names(self, names: Sequence[str]) -> Tensor:
@@ -100,12 +113,25 @@ class SanSegmenter(Segmenter):
         return self._classifiers[key]
 
     # -- image side ------------------------------------------------------------------------
-    def _prepare(self, image: np.ndarray) -> _Prepared:
+    def _views(self, index: int, image: np.ndarray) -> list[_View]:
+        """The network inputs for one image: the test-time resize, or with TTA every short side
+        of the official TTA, each also flipped horizontally."""
         h, w = image.shape[:2]
-        if self.resize_short:
-            image = resize_image(image, shortest_edge_size(h, w, self.resize_short, self.config.max_size_test))
-        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(self.device, torch.float32)
-        return _Prepared((x - self.pixel_mean) / self.pixel_std, (h, w))
+        if self.tta:
+            sizes = [shortest_edge_size(h, w, s, TTA_MAX_SIZE) for s in TTA_SHORT_SIDES]
+            flips: tuple[bool, ...] = (False, True)
+        elif self.resize_short:
+            sizes, flips = [shortest_edge_size(h, w, self.resize_short, self.max_size)], (False,)
+        else:
+            sizes, flips = [(h, w)], (False,)
+        views = []
+        for size in sizes:
+            resized = resize_image(image, size)
+            for flip in flips:
+                pixels = resized[:, ::-1] if flip else resized
+                x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).to(self.device, torch.float32)
+                views.append(_View(index, (x - self.pixel_mean) / self.pixel_std, flip))
+        return views
 
     def _padded_size(self, t: Tensor) -> tuple[int, int]:
         d = self.config.size_divisibility
@@ -128,39 +154,69 @@ class SanSegmenter(Segmenter):
             scores = part if scores is None else scores + part
         return scores
 
+    def _score_size(self, image: np.ndarray, vocabulary: Vocabulary) -> tuple[int, int]:
+        """Where score maps are built: the image's own size, as the official inference does,
+        unless that would take more than SCORE_BUDGET values (a very large photo with a large
+        vocabulary); then at the default inference size, resized to the image at the end."""
+        h, w = image.shape[:2]
+        if len(vocabulary.prompt_names) * h * w <= SCORE_BUDGET:
+            return (h, w)
+        return shortest_edge_size(h, w, self.config.min_size_test, self.config.max_size_test)
+
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str]) -> list[Prediction]:
         vocab = as_vocabulary(vocabulary)
         classifier = self.classifier(vocab)
-        prepared = [self._prepare(im) for im in images]
-        # Images batch together only when they pad to the same size: padding changes what
-        # CLIP attends to, so mixed sizes would change each image's result.
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(prepared):
-            groups.setdefault(self._padded_size(p.tensor), []).append(i)
-        results: list[Prediction | None] = [None] * len(images)
-        for padded, idxs in groups.items():
-            batch = torch.zeros(len(idxs), 3, *padded, device=self.device)
-            for j, i in enumerate(idxs):
-                t = prepared[i].tensor
-                batch[j, :, : t.shape[1], : t.shape[2]] = t
-            with autocast(self.device, self.precision):
-                mask_logits, class_logits = self.model(batch, classifier)
-            for j, i in enumerate(idxs):
-                t = prepared[i].tensor
-                scores = self._scores(mask_logits[-1][j], class_logits[-1][j], tuple(t.shape[-2:]),
-                                      prepared[i].out_size, padded)
-                scores = merge_synonyms(scores, vocab).cpu()
-                results[i] = Prediction(scores=scores, labels=labels_from_scores(scores))
-        return results  # type: ignore[return-value]
+        views = [v for i, image in enumerate(images) for v in self._views(i, image)]
+        score_sizes = [self._score_size(image, vocab) for image in images]
+        # Views batch together only when they pad to the same size: padding changes what CLIP
+        # attends to, so mixed sizes would change each view's result.
+        groups: dict[tuple[int, int], list[_View]] = {}
+        for view in views:
+            groups.setdefault(self._padded_size(view.tensor), []).append(view)
+        sums: list[Tensor | None] = [None] * len(images)
+        counts = [0] * len(images)
+        for padded, group in groups.items():
+            per_forward = max(1, VIEW_PIXELS // (padded[0] * padded[1]))
+            for start in range(0, len(group), per_forward):
+                chunk = group[start : start + per_forward]
+                batch = torch.zeros(len(chunk), 3, *padded, device=self.device)
+                for j, view in enumerate(chunk):
+                    batch[j, :, : view.tensor.shape[1], : view.tensor.shape[2]] = view.tensor
+                with autocast(self.device, self.precision):
+                    mask_logits, class_logits = self.model(batch, classifier)
+                for j, view in enumerate(chunk):
+                    scores = self._scores(mask_logits[-1][j], class_logits[-1][j], tuple(view.tensor.shape[-2:]),
+                                          score_sizes[view.image], padded)
+                    scores = merge_names(scores, vocab)
+                    if view.flip:
+                        scores = scores.flip(-1)
+                    sums[view.image] = scores if sums[view.image] is None else sums[view.image] + scores
+                    counts[view.image] += 1
+        results = []
+        for i, image in enumerate(images):
+            scores = sums[i] / counts[i] if counts[i] > 1 else sums[i]
+            results.append(self._prediction(scores, vocab, image.shape[:2]))
+        return results
+
+    def _prediction(self, scores: Tensor, vocab: Vocabulary, size: tuple[int, int]) -> Prediction:
+        """Labels over classes and distractors (distractor wins are OTHER); scores for the
+        vocabulary's classes, at the image's size."""
+        c = len(vocab)
+        if tuple(scores.shape[-2:]) != tuple(size):  # built at a reduced size (SCORE_BUDGET)
+            keep = scores[:c] if scores.shape[0] == c else torch.cat([scores[:c], scores[c:].amax(0, keepdim=True)])
+            scores = F.interpolate(keep[None], size=size, mode="bilinear", align_corners=False)[0]
+        labels = labels_from_scores(scores, c)
+        return Prediction(scores=scores[:c].cpu(), labels=labels)
 
     def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
         return self.predict_batch([image], vocabulary)[0]
 
 
-def merge_synonyms(scores: Tensor, vocabulary: Vocabulary) -> Tensor:
-    """Per-name scores (N x H x W) -> per-class scores: each class takes its best name."""
-    if len(vocabulary.prompt_names) == len(vocabulary):
+def merge_names(scores: Tensor, vocabulary: Vocabulary) -> Tensor:
+    """Per-name scores (N x H x W) -> per class (each takes its best name), then one channel
+    per distractor: ``vocabulary.num_competitors`` channels."""
+    if len(vocabulary.prompt_names) == vocabulary.num_competitors:
         return scores
     groups: dict[int, list[int]] = {}
     for name_index, class_index in enumerate(vocabulary.name_to_class):
@@ -177,6 +233,7 @@ def build_san_segmenter(
     precision: str = "auto",
     resize_short: int | None = 640,
     templates: str | None = None,
+    tta: bool = False,
     progress: bool = True,
 ) -> SanSegmenter:
     """Factory behind ``load_segmenter("san", ...)``."""
@@ -201,4 +258,5 @@ def build_san_segmenter(
         precision=resolve_precision(precision, dev),
         resize_short=resize_short,
         templates=templates,
+        tta=tta,
     )
