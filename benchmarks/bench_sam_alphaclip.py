@@ -88,6 +88,18 @@ def loop_classify(classifier: MaskClassifier, image: np.ndarray, masks: list[np.
     return class_probabilities(torch.cat(out), VOCAB).numpy()
 
 
+def matmul_gflops(dtype: torch.dtype) -> float:
+    """Throughput of one ViT-B MLP-sized linear layer (8 masks x 197 tokens) in ``dtype``."""
+    x = torch.randn(8 * 197, 768).to(dtype)
+    w = torch.randn(3072, 768).to(dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        torch.nn.functional.linear(x, w)
+    return 2 * x.shape[0] * 768 * 3072 * n / (time.perf_counter() - start) / 1e9
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -98,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default="cat.png,coffee.png,rocket.jpg")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per path; the fastest is reported")
     args = parser.parse_args()
     device = torch.device("cpu")
     images = [read_image(REPO / "sample_images" / n) for n in args.images.split(",")]
@@ -112,7 +125,8 @@ def main() -> None:
     lines = [
         f"Random-weight SAM ViT-B and Alpha-CLIP ViT-B/16 (official shapes), {len(images)} sample photos "
         f"({args.images}), {n_masks} masks from a colour clustering (>= 100 px each), vocabulary of {len(VOCAB)} "
-        f"classes, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"classes, torch {torch.__version__}, {torch.get_num_threads()} threads; each time is the best of "
+        f"{args.repeat} runs.",
         "",
         "### Mask classification (Alpha-CLIP)",
         "",
@@ -130,12 +144,16 @@ def main() -> None:
                          ("loop, text cached, fp32", lambda im, ms: loop_classify(exact, im, ms, True)),
                          ("batched, fp32", lambda im, ms: exact.classify(im, ms, VOCAB)),
                          ("batched, bf16", lambda im, ms: fast.classify(im, ms, VOCAB))):
-            probs, seconds = [], 0.0
-            for im, ms in zip(images, masks):
-                p, s = timed(fn, im, ms)
-                probs.append(p)
-                seconds += s
-            results[name] = (np.concatenate(probs).argmax(1), seconds)
+            best = float("inf")
+            for _ in range(args.repeat):  # best of N: this machine is shared and noisy
+                probs, seconds = [], 0.0
+                for im, ms in zip(images, masks):
+                    p, s = timed(fn, im, ms)
+                    probs.append(p)
+                    seconds += s
+                best = min(best, seconds)
+            results[name] = (np.concatenate(probs).argmax(1), best)
+            seconds = best
             print(f"{region:5s} {name}: {seconds:.1f} s")
         base_labels, base_s = results["straightforward loop, fp32"]
         cached_s = results["loop, text cached, fp32"][1]
@@ -158,6 +176,10 @@ def main() -> None:
             _, seconds = timed(encoder, x)
             sam_rows.append(f"| image encoder (1024 x 1024), {precision} | {seconds:.1f} |")
             print(f"SAM encoder {precision}: {seconds:.1f} s")
+    fp32_gflops, bf16_gflops = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    lines += ["", f"Matrix multiply on this CPU (the bulk of Alpha-CLIP's time): fp32 {fp32_gflops:.0f} GFLOP/s, "
+              f"bf16 {bf16_gflops:.0f} GFLOP/s, {bf16_gflops / fp32_gflops:.2f}x; this bounds what bf16 can "
+              "buy here (the CPU has AVX512-BF16 but no AMX)."]
     lines += ["", "### SAM image encoder (one photo, once per image)", "", "| step | seconds |", "| --- | --- |", *sam_rows,
               "", "SAM's mask decoder and the generator's filtering run in fp32 so its IoU and stability "
               "thresholds stay exact; they are not timed here because random weights give noise masks "

@@ -51,6 +51,13 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ovss"
 
 
+def text_cache_dir() -> Path | None:
+    """Where class-name embeddings persist between runs (None when ``OVSS_TEXT_CACHE=0``)."""
+    if os.environ.get("OVSS_TEXT_CACHE", "1") == "0":
+        return None
+    return cache_dir() / "text-embeddings"
+
+
 def weights_dir() -> Path:
     """Folder holding downloaded checkpoints: ``cache_dir()/"weights"``."""
     return cache_dir() / "weights"

@@ -19,6 +19,15 @@ def _reference_dir() -> Path | None:
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's cache; the on-disk text-embedding cache is off
+    (its own test turns it on), so counts of encoded names mean what they say."""
+    os.environ["OVSS_HOME"] = str(tmp_path_factory.mktemp("ovss-home"))
+    os.environ["OVSS_TEXT_CACHE"] = "0"
+    yield
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """``$OVSS_REFERENCE_DIR``; without it the test skips, unless OVSS_REQUIRE_REFERENCE=1

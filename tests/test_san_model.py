@@ -135,3 +135,25 @@ def test_wrong_checkpoint_is_a_clear_error(reference_dir):
         load_segmenter("san", weights=str(reference_dir / "san" / "tiny-seed0.weights.pth"), device="cpu")
     msg = str(err.value)
     assert "tiny-seed0.weights.pth does not match san-vit-b16" in msg and "--clip-config" in msg
+
+
+def test_text_embeddings_persist_across_runs(seeded, tmp_path, monkeypatch):
+    _, path = seeded
+    monkeypatch.setenv("OVSS_TEXT_CACHE", "1")
+    monkeypatch.setenv("OVSS_HOME", str(tmp_path))
+    first = load_segmenter("san", weights=str(path))
+    a = first.embed_names(["zebra", "giraffe"])
+    assert first.prompts.names_encoded == 2
+    assert len(list((tmp_path / "text-embeddings").glob("*.pt"))) == 1
+    second = load_segmenter("san", weights=str(path))  # a new process would do the same
+    b = second.embed_names(["giraffe", "zebra", "lion"])
+    assert second.prompts.names_encoded == 1  # only "lion" is new
+    assert torch.equal(b[:2], a.flip(0))
+    other = load_segmenter("san", weights=str(path), templates="photo")  # other templates: other cache
+    other.embed_names(["zebra"])
+    assert other.prompts.names_encoded == 1
+    (tmp_path / "text-embeddings").chmod(0o500)  # read-only cache: still works
+    try:
+        load_segmenter("san", weights=str(path)).embed_names(["tiger"])
+    finally:
+        (tmp_path / "text-embeddings").chmod(0o700)

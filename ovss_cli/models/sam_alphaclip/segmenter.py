@@ -34,7 +34,8 @@ class MaskClassifier:
     """Alpha-CLIP classification of masks against a vocabulary (text features cached)."""
 
     def __init__(self, model: AlphaClip, device: torch.device, precision: str, templates: Sequence[str],
-                 region: str = "crop", use_alpha: bool = True, batch_size: int = 8):
+                 region: str = "crop", use_alpha: bool = True, batch_size: int = 8,
+                 text_cache: str | Path | None = None):
         if region not in REGION_MODES:
             raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
         if batch_size < 1:
@@ -46,7 +47,7 @@ class MaskClassifier:
         self.region = region
         self.use_alpha = use_alpha
         self.batch_size = batch_size
-        self.prompts = PromptEncoder(model.text, templates)
+        self.prompts = PromptEncoder(model.text, templates, cache_dir=text_cache)
 
     def text_classifier(self, vocabulary: Vocabulary) -> torch.Tensor:
         """N_names x D unit-norm text embeddings of every name of the vocabulary."""
@@ -194,7 +195,7 @@ def build_sam_alphaclip_segmenter(
     ``clip_weights``: the CLIP it builds on (default: the zoo CLIP of the same architecture);
     ``sam_model``/``sam_weights``: the SAM checkpoint.
     """
-    from ...weights import load_state_file, resolve_weights
+    from ...weights import load_state_file, resolve_weights, text_cache_dir
     from ...zoo import DEFAULT_ALPHA_CLIP, DEFAULT_SAM, clip_for_alpha_clip
 
     options = GeneratorOptions(points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
@@ -217,7 +218,8 @@ def build_sam_alphaclip_segmenter(
     if mask_batch_size is None:  # measured best on a 2-core AVX512 CPU; GPUs want big batches
         mask_batch_size = 8 if dev.type == "cpu" else 64
     classifier = MaskClassifier(alpha_clip, dev, prec, get_templates(templates or DEFAULT_TEMPLATES),
-                                region=region, use_alpha=not no_alpha, batch_size=mask_batch_size)
+                                region=region, use_alpha=not no_alpha, batch_size=mask_batch_size,
+                                text_cache=text_cache_dir())
     name = f"{sam_model or (Path(sam_weights).stem if sam_weights else DEFAULT_SAM)}+" \
            f"{alpha_name if not weights else Path(weights).stem}"
     return SamAlphaClipSegmenter(proposer, classifier, model_name=name, containment=containment_filter, fill=fill,

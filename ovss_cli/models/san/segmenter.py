@@ -5,7 +5,9 @@ input image's size.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,6 +32,7 @@ QUERY_CHUNK = 20  # queries upsampled at once in post-processing (bounds memory 
 TTA_SHORT_SIDES = (320, 480, 640, 800, 960, 1120)
 TTA_MAX_SIZE = 4480
 SCORE_BUDGET = 1 << 28  # score-map values per image built at full size (1 GiB in fp32)
+CLASSIFIER_CACHE = 8  # vocabularies whose classifier is kept (the name embeddings stay cached)
 VIEW_PIXELS = 4 * 640 * 864  # padded pixels per forward: bounds activation memory in batches
 
 
@@ -79,6 +82,7 @@ class SanSegmenter(Segmenter):
         max_size: int | None = None,
         templates: str | None = None,
         tta: bool = False,
+        text_cache: str | Path | None = None,
     ):
         self.model = model.eval().requires_grad_(False).to(device)
         for part in (self.model.clip_visual_extractor, self.model.clip_rec_head, self.model.side_adapter_network):
@@ -90,10 +94,11 @@ class SanSegmenter(Segmenter):
         self.resize_short = resize_short
         self.max_size = max_size or self.config.max_size_test
         self.tta = tta
-        self.prompts = PromptEncoder(self.model.ov_classifier, get_templates(templates or self.config.templates))
+        self.prompts = PromptEncoder(self.model.ov_classifier, get_templates(templates or self.config.templates),
+                                     cache_dir=text_cache)
         self.pixel_mean = torch.tensor([255.0 * m for m in CLIP_MEAN], device=device).view(3, 1, 1)
         self.pixel_std = torch.tensor([255.0 * s for s in CLIP_STD], device=device).view(3, 1, 1)
-        self._classifiers: dict[tuple[str, ...], Tensor] = {}
+        self._classifiers: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision, "resize_short": self.resize_short,
@@ -110,6 +115,9 @@ class SanSegmenter(Segmenter):
             emb = self.prompts.embed(list(key))
             with torch.no_grad():
                 self._classifiers[key] = self.model.ov_classifier.classifier_weights(emb).float()
+            if len(self._classifiers) > CLASSIFIER_CACHE:  # per-image vocabularies: keep memory flat
+                self._classifiers.popitem(last=False)
+        self._classifiers.move_to_end(key)
         return self._classifiers[key]
 
     # -- image side ------------------------------------------------------------------------
@@ -237,7 +245,7 @@ def build_san_segmenter(
     progress: bool = True,
 ) -> SanSegmenter:
     """Factory behind ``load_segmenter("san", ...)``."""
-    from ...weights import resolve_weights
+    from ...weights import resolve_weights, text_cache_dir
 
     name = model or DEFAULT_MODEL
     cfg = get_san_config(name)
@@ -259,4 +267,5 @@ def build_san_segmenter(
         resize_short=resize_short,
         templates=templates,
         tta=tta,
+        text_cache=text_cache_dir(),
     )
