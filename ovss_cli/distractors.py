@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .datasets.classes import benchmark_class_names
 from .errors import UsageError
+from .io.text_files import read_user_text
 
 DISTRACTOR_SETS = ("coco-all", "coco-stuff", "none")
 _COCO_THINGS = 80  # COCO-Stuff-171 lists the 80 thing classes first, then the 91 stuff classes
@@ -26,10 +27,7 @@ def distractor_names(spec: str) -> list[str]:
         raise UsageError(
             f"unknown --distractors {spec!r}: use {', '.join(DISTRACTOR_SETS)} or a file with one name per line"
         )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read distractors file {path}: {err}") from None
+    lines = read_user_text(path, "distractors file").splitlines()
     names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not names:
         raise UsageError(f"distractors file {path} has no names")

@@ -44,3 +44,8 @@ class NotImplementedYet(OvssError):
 
 # Exit code when a run finished but some images failed (each failure was reported).
 EXIT_SOME_FAILED = 1
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for a per-image failure: our own message, else the exception type and text."""
+    return str(error) if isinstance(error, OvssError) else f"{type(error).__name__}: {error}"

@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .datasets import Sample, SemSegDataset
-from .errors import UsageError
+from .errors import UsageError, failure_reason
 from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
+from .io.text_files import read_user_text
 from .io.outputs import write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
 from .segmenter import OTHER, UNLABELLED, Prediction, Segmenter
@@ -91,10 +92,8 @@ def load_per_image_vocabulary(path: str | Path) -> dict[str, list[str]]:
     """JSON mapping image (id, file name or stem) -> class names, e.g. nouns from captions."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"per-image vocabulary not found: {p}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(read_user_text(p, "per-image vocabulary"))
+    except json.JSONDecodeError as err:
         raise UsageError(f"cannot read per-image vocabulary {p}: {err}") from None
     if not isinstance(data, dict) or not all(
         isinstance(v, list) and v and all(isinstance(w, str) and w.strip() for w in v) for v in data.values()
@@ -216,9 +215,7 @@ def evaluate_dataset(
 
 
 def _fail(result: EvaluationResult, sample: Sample, err: BaseException, on_result) -> None:
-    from .errors import OvssError
-
-    reason = str(err) if isinstance(err, OvssError) else f"{type(err).__name__}: {err}"
+    reason = failure_reason(err)
     result.failed += 1
     if len(result.failures) < 100:
         result.failures.append((str(sample.image_path), reason))

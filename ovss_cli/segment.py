@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, failure_reason
 from .io.images import InputImage, output_stem, read_image
 from .io.outputs import (
     JsonlManifest,
@@ -223,12 +223,6 @@ def _load(batch: list[InputImage]) -> list[np.ndarray | BaseException]:
     return out
 
 
-def _reason(err: BaseException) -> str:
-    from .errors import OvssError
-
-    return str(err) if isinstance(err, OvssError) else f"{type(err).__name__}: {err}"
-
-
 def segment_images(
     segmenter: Segmenter,
     inputs: Iterable[InputImage],
@@ -273,7 +267,7 @@ def segment_images(
 
 def _run_batch(segmenter: Segmenter, writer: OutputWriter, vocabulary: Vocabulary,
                batch: list[InputImage], images: list[np.ndarray | BaseException]) -> list[ImageResult]:
-    results = {i: ImageResult(item, ok=False, error=_reason(images[i]))
+    results = {i: ImageResult(item, ok=False, error=failure_reason(images[i]))
                for i, item in enumerate(batch) if isinstance(images[i], BaseException)}
     good = [i for i in range(len(batch)) if i not in results]
     t0 = time.perf_counter()
@@ -294,7 +288,7 @@ def _run_batch(segmenter: Segmenter, writer: OutputWriter, vocabulary: Vocabular
         item, pred = batch[i], predictions[i]
         t1 = time.perf_counter()
         if isinstance(pred, BaseException):
-            results[i] = ImageResult(item, ok=False, error=_reason(pred))
+            results[i] = ImageResult(item, ok=False, error=failure_reason(pred))
             continue
         result = ImageResult(item, ok=True, warnings=list(pred.warnings))
         try:

@@ -154,14 +154,9 @@ def parse_class_lines(lines: Sequence[str], source: str = "<classes>") -> Vocabu
 
 def read_class_file(path: str | Path) -> Vocabulary:
     """Read a class file (see :func:`parse_class_lines`)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"classes file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read classes file {p}: {err}") from None
-    return parse_class_lines(text.splitlines(), source=str(p))
+    from .io.text_files import read_user_text
+
+    return parse_class_lines(read_user_text(path, "classes file").splitlines(), source=str(path))
 
 
 def load_vocabulary(classes: str | None, classes_file: str | Path | None) -> Vocabulary:

@@ -543,3 +543,25 @@ def _load_safetensors(path: Path) -> dict:
         raise WeightsError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): delete it and download again"
         ) from None
+
+
+def load_state_strict(module: Any, state: dict, source: str, expected: str, hint: str = "") -> None:
+    """Load ``state`` into ``module`` with exact key and shape matching (assigning tensors, so
+    a module built on the meta device gets real ones). A mismatch is one :class:`WeightsError`
+    naming the file, what it should have been, counts with an example of each kind, and ``hint``."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise WeightsError(f"{source} does not match {expected}: {'; '.join(parts)}" + (f". {hint}" if hint else ""))
+    module.load_state_dict(state, strict=True, assign=True)
+

@@ -88,7 +88,7 @@ def test_wrong_alpha_checkpoint_is_a_clear_error(tmp_path):
     clip, _ = write_seeded_alpha_clip(tmp_path)
     bad = tmp_path / "bad.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 32, 32)}, bad)
-    with pytest.raises(WeightsError, match=r"bad.pth is not a matching Alpha-CLIP visual checkpoint: \d+ missing keys"):
+    with pytest.raises(WeightsError, match=r"bad.pth does not match an Alpha-CLIP visual checkpoint: \d+ missing keys"):
         load_alpha_clip(clip, bad)
 
 

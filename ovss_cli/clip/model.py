@@ -52,15 +52,14 @@ def load_clip_config(spec: str | Path | Mapping[str, Any] | None, default: str |
     elif str(spec) in CLIP_CONFIGS:
         config = copy.deepcopy(CLIP_CONFIGS[str(spec)])
     else:
+        from ..io.text_files import read_user_text
+
         path = Path(spec)
-        if not path.is_file():
-            raise UsageError(
-                f"CLIP config not found: {path}; pass an open_clip model config JSON file "
-                f"or one of {', '.join(CLIP_CONFIGS)}"
-            )
+        text = read_user_text(path, "CLIP config",
+                              hint=f"pass an open_clip model config JSON file or one of {', '.join(CLIP_CONFIGS)}")
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            config = json.loads(text)
+        except json.JSONDecodeError as err:
             raise UsageError(f"cannot read CLIP config {path}: {err}") from None
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
+from ..io.text_files import read_user_text
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "vild": (
@@ -39,10 +40,7 @@ def get_templates(spec: str) -> tuple[str, ...]:
         raise UsageError(
             f"unknown template set {spec!r}: use one of {', '.join(TEMPLATE_SETS)} or a file with one template per line"
         )
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read templates file {path}: {err}") from None
+    lines = [ln.strip() for ln in read_user_text(path, "templates file").splitlines()]
     templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not templates:
         raise UsageError(f"templates file {path} has no templates")

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..io.text_files import read_user_text
 
 
 def parse_class_names(text: str) -> list[str]:
@@ -26,12 +27,7 @@ def parse_class_names(text: str) -> list[str]:
 def read_class_names(path: str | Path) -> list[str]:
     """Class names from a file, one per line, kept exactly (see :func:`parse_class_names`)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"class list not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read class list {p}: {error}") from None
+    text = read_user_text(p, "class list", DatasetError)
     names = parse_class_names(text)
     if not text or any(name == "" for name in names):
         raise DatasetError(f"class list {p} is empty or has an empty line; write one class per line")

@@ -125,23 +125,6 @@ def round_through_fp16(module: nn.Module) -> None:
                 t.copy_(t.half().float())
 
 
-def _strict_load(module: nn.Module, state: dict[str, Tensor], source: str, what: str) -> None:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            detail.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
-        raise WeightsError(f"{source} is not a matching {what}: {'; '.join(detail)}")
-    module.load_state_dict(state, strict=True, assign=True)
-
-
 def alpha_visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Released Alpha-CLIP visual keys -> our module's (``attn.in_proj.*`` -> ``attn.in_proj_*``)."""
     return {re.sub(r"attn\.in_proj\.(weight|bias)$", r"attn.in_proj_\1", k): v for k, v in state.items()}
@@ -165,7 +148,7 @@ def load_alpha_clip(
     """Alpha-CLIP from a CLIP checkpoint (OpenAI or open_clip format: text tower, and the visual
     tower when ``alpha_weights`` is None) and a released Alpha-CLIP visual checkpoint (a path, or
     its already-loaded state dict, named in errors by ``alpha_source``)."""
-    from ...weights import load_state_file
+    from ...weights import load_state_file, load_state_strict
 
     clip_state = _unwrap(load_state_file(clip_weights), str(clip_weights))
     for key in _OPENAI_EXTRA_KEYS:
@@ -175,18 +158,18 @@ def load_alpha_clip(
         model = AlphaClip(config)
     text_state = {k: v for k, v in clip_state.items() if not k.startswith("visual.")}
     text_state["attn_mask"] = torch.full((config["text_cfg"]["context_length"],) * 2, float("-inf")).triu_(1)
-    _strict_load(model.text, text_state, str(clip_weights), "CLIP text encoder")
+    load_state_strict(model.text, text_state, str(clip_weights), "a CLIP text encoder")
     round_through_fp16(model.text)
     if alpha_weights is not None:
         raw = alpha_weights if isinstance(alpha_weights, Mapping) else load_state_file(alpha_weights)
         source = alpha_source or (str(alpha_weights) if not isinstance(alpha_weights, Mapping) else "Alpha-CLIP weights")
         visual_state = alpha_visual_state(_unwrap(dict(raw), source))
-        _strict_load(model.visual, visual_state, source, "Alpha-CLIP visual checkpoint")
+        load_state_strict(model.visual, visual_state, source, "an Alpha-CLIP visual checkpoint")
     else:  # plain CLIP with a zero alpha projection (what Alpha-CLIP starts from)
         visual_state = {k.removeprefix("visual."): v for k, v in clip_state.items() if k.startswith("visual.")}
         visual_state["conv1_alpha.weight"] = torch.zeros(
             (visual_state["conv1.weight"].shape[0], 1, *visual_state["conv1.weight"].shape[2:])
         )
-        _strict_load(model.visual, visual_state, str(clip_weights), "CLIP visual encoder")
+        load_state_strict(model.visual, visual_state, str(clip_weights), "a CLIP visual encoder")
         round_through_fp16(model.visual)
     return model.eval().requires_grad_(False).to(device)

@@ -85,7 +85,7 @@ def infer_sam_arch(state: dict[str, Tensor]) -> SamArch:
 
 def load_sam(path: str | Path) -> Sam:
     """SAM from a checkpoint (a plain state dict, as published), with exact key matching."""
-    from ...weights import load_state_file
+    from ...weights import load_state_file, load_state_strict
 
     state = load_state_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -96,15 +96,7 @@ def load_sam(path: str | Path) -> Sam:
         raise WeightsError(f"{path}: {err}; pass a SAM checkpoint to --sam-weights") from None
     with torch.device("meta"):
         sam = build_sam(arch)
-    own = sam.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path} does not match a SAM {arch}: {len(missing)} missing, {len(unexpected)} unexpected keys "
-            f"(e.g. {(missing or unexpected)[0]})"
-        )
-    sam.load_state_dict(state, strict=True, assign=True)
+    load_state_strict(sam, state, str(path), f"a SAM with a {arch.embed_dim}-wide, {arch.depth}-block encoder")
     # non-persistent buffers are not in the checkpoint
     sam.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), False)
     sam.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), False)

@@ -31,24 +31,10 @@ def read_san_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, Any] | None]
 
 def load_san_weights(model: SanModel, state: dict[str, Tensor], source: str, model_name: str) -> None:
     """Load with exact key and shape matching; a mismatch names the checkpoint and the fix."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(
-            f"{source} does not match {model_name}: {'; '.join(parts)}. "
-            "Pass the --model it was trained as, or --clip-config FILE for a non-standard CLIP"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
+    from ...weights import load_state_strict
+
+    load_state_strict(model, state, source, model_name,
+                      hint="Pass the --model it was trained as, or --clip-config FILE for a non-standard CLIP")
 
 
 def save_san_checkpoint(model: SanModel, path: str | Path, extra: dict[str, Any] | None = None) -> None:
