@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from .datasets import Sample, SemSegDataset
 from .errors import UsageError, failure_reason
 from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
+from .io.prefetch import prefetched
 from .io.text_files import read_user_text
 from .io.outputs import write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
@@ -121,19 +121,6 @@ def _read(sample: Sample, dataset: SemSegDataset) -> tuple[np.ndarray, np.ndarra
         return err
 
 
-def _prefetched(samples: Iterable[Sample], dataset: SemSegDataset, depth: int = 2) -> Iterator[tuple[Sample, Any]]:
-    """Decode the next images in a background thread while the model works (bounded queue)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovss-eval-read") as pool:
-        pending: list = []
-        for sample in samples:
-            pending.append((sample, pool.submit(_read, sample, dataset)))
-            if len(pending) > depth:
-                s, fut = pending.pop(0)
-                yield s, fut.result()
-        for s, fut in pending:
-            yield s, fut.result()
-
-
 def evaluate_dataset(
     segmenter: Segmenter,
     dataset: SemSegDataset,
@@ -165,7 +152,8 @@ def evaluate_dataset(
     unlabelled = np.zeros(dataset.num_classes, np.int64)
 
     start = time.perf_counter()
-    for sample, loaded in _prefetched(dataset.samples(limit=limit, subset=subset), dataset):
+    samples = dataset.samples(limit=limit, subset=subset)
+    for sample, loaded in prefetched(samples, lambda s: _read(s, dataset), depth=2):
         t0 = time.perf_counter()
         if isinstance(loaded, BaseException):
             _fail(result, sample, loaded, on_result)

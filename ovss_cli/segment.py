@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -18,6 +17,7 @@ import torch
 
 from .errors import UsageError, failure_reason
 from .io.images import InputImage, output_stem, read_image
+from .io.prefetch import prefetched
 from .io.outputs import (
     JsonlManifest,
     RunningCocoWriter,
@@ -244,21 +244,13 @@ def segment_images(
     summary = SegmentSummary(vocabulary, outputs=writer.paths())
     start = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovss-read") as pool:
-            batches = _batches(inputs, batch_size)
-            pending: tuple[list[InputImage], Future] | None = None
-            first = next(batches, None)
-            if first is not None:
-                pending = (first, pool.submit(_load, first))
-            while pending is not None:
-                batch, future = pending
-                nxt = next(batches, None)
-                pending = (nxt, pool.submit(_load, nxt)) if nxt is not None else None
-                for result in _run_batch(segmenter, writer, vocabulary, batch, future.result()):
-                    summary.add(result)
-                    writer.record(result)
-                    if on_result is not None:
-                        on_result(result)
+        # the next batch is decoded while this one is segmented
+        for batch, images in prefetched(_batches(inputs, batch_size), _load):
+            for result in _run_batch(segmenter, writer, vocabulary, batch, images):
+                summary.add(result)
+                writer.record(result)
+                if on_result is not None:
+                    on_result(result)
     finally:
         writer.close()
         summary.seconds = time.perf_counter() - start

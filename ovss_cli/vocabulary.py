@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import UsageError
 
@@ -77,6 +80,19 @@ class Vocabulary:
     def num_competitors(self) -> int:
         """Classes plus distractors: everything a pixel or mask can be assigned to."""
         return len(self.classes) + len(self.distractors)
+
+    def best_name_per_class(self, values: "torch.Tensor", dim: int) -> "torch.Tensor":
+        """Reduce per-name ``values`` (``len(prompt_names)`` entries along ``dim``) to one entry
+        per competitor (class, then each distractor): a class takes its best name's value."""
+        if len(self.prompt_names) == self.num_competitors:
+            return values
+        import torch
+
+        groups: dict[int, list[int]] = {}
+        for name_index, class_index in enumerate(self.name_to_class):
+            groups.setdefault(class_index, []).append(name_index)
+        index = [torch.tensor(idx, device=values.device) for _, idx in sorted(groups.items())]
+        return torch.stack([values.index_select(dim, i).amax(dim) for i in index], dim)
 
     def with_distractors(self, names: Iterable[str]) -> "Vocabulary":
         """This vocabulary plus distractor names, skipping any equal (ignoring case and

@@ -11,7 +11,7 @@ from ovss_cli.errors import WeightsError
 from ovss_cli.models.san.checkpoint import build_random_san, save_san_checkpoint
 from ovss_cli.models.san.config import SAN_CONFIGS, SanConfig
 from ovss_cli.models.san.model import SanModel
-from ovss_cli.models.san.segmenter import merge_names, resize_image, shortest_edge_size
+from ovss_cli.models.san.segmenter import resize_image, shortest_edge_size
 from ovss_cli.vocabulary import parse_class_lines
 
 
@@ -95,7 +95,7 @@ def test_resize_uses_pil_bilinear():
 def test_synonyms_take_the_best_name():
     vocab = parse_class_lines(["cat: kitty", "sofa"])
     scores = torch.tensor([[[1.0, 5.0]], [[3.0, 2.0]], [[0.5, 0.5]]])  # names: cat, kitty, sofa
-    merged = merge_names(scores, vocab)
+    merged = vocab.best_name_per_class(scores, dim=0)
     assert torch.equal(merged, torch.tensor([[[3.0, 5.0]], [[0.5, 0.5]]]))
 
 

@@ -60,6 +60,13 @@ def draw_ellipse(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_region(mode: str) -> str:
+    """``mode`` if it is a known region mode, else a UsageError listing them."""
+    if mode not in REGION_MODES:
+        raise UsageError(f"unknown --region {mode!r}; choose one of {', '.join(REGION_MODES)}")
+    return mode
+
+
 def region_fn(mode: str, image: np.ndarray, blurred: np.ndarray | None = None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The per-mask function for ``mode`` on one image. Image-wide work (the blur) is done
     by the caller once and passed in as ``blurred``."""
@@ -75,6 +82,5 @@ def region_fn(mode: str, image: np.ndarray, blurred: np.ndarray | None = None) -
             x0, y0, x1, y1 = square_crop_box(mask)
             return image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
         return crop
-    if mode == "ellipse":
-        return lambda mask: (draw_ellipse(image, mask), mask)
-    raise UsageError(f"unknown --region {mode!r}; choose one of {', '.join(REGION_MODES)}")
+    check_region(mode)
+    return lambda mask: (draw_ellipse(image, mask), mask)

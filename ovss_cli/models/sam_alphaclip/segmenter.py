@@ -23,7 +23,7 @@ from .alpha_clip import AlphaClip, load_alpha_clip
 from .compose import FILL_MODES, compose
 from .preprocess import full_alpha, preprocess_alpha, preprocess_pixels
 from .proposals import GeneratorOptions, MaskProposer, Proposal, containment_filter, load_sam
-from .regions import REGION_MODES, blur_image, region_fn
+from .regions import blur_image, check_region, region_fn
 
 DEFAULT_TEMPLATES = "photo"
 # A mask whose best class holds less than this share of the probability is "other" (README).
@@ -36,8 +36,7 @@ class MaskClassifier:
     def __init__(self, model: AlphaClip, device: torch.device, precision: str, templates: Sequence[str],
                  region: str = "crop", use_alpha: bool = True, batch_size: int = 8,
                  text_cache: str | Path | None = None):
-        if region not in REGION_MODES:
-            raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
+        check_region(region)
         if batch_size < 1:
             raise UsageError("--mask-batch-size must be at least 1")
         self.model = model.to(device)
@@ -59,11 +58,10 @@ class MaskClassifier:
         if self.region == "blur" and blurred is None:
             blurred = blur_image(image)
         make = region_fn(self.region, image, blurred)
-        if self.region == "none":  # every mask sees the same pixels
+        regions = [make(m) for m in masks]
+        if self.region == "none":  # every mask sees the same pixels: preprocess them once
             pixels = preprocess_pixels(image, size).expand(len(masks), -1, -1, -1)
-            regions = [(image, m) for m in masks]
         else:
-            regions = [make(m) for m in masks]
             pixels = torch.stack([preprocess_pixels(px, size) for px, _ in regions])
         if self.use_alpha:
             alphas = torch.cat([preprocess_alpha(torch.from_numpy(m)[None], size) for _, m in regions])
@@ -95,13 +93,7 @@ class MaskClassifier:
 def class_probabilities(name_logits: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
     """M x N_names logits -> M x G probabilities over the classes and then each distractor
     (a class takes its best name's logit; softmax over all G competitors)."""
-    index = vocabulary.name_to_class
-    if len(index) != vocabulary.num_competitors:
-        per_class = torch.full((name_logits.shape[0], vocabulary.num_competitors), float("-inf"))
-        for name_i, class_i in enumerate(index):
-            per_class[:, class_i] = torch.maximum(per_class[:, class_i], name_logits[:, name_i])
-        name_logits = per_class
-    return name_logits.softmax(dim=-1)
+    return vocabulary.best_name_per_class(name_logits, dim=1).softmax(dim=-1)
 
 
 class SamAlphaClipSegmenter(Segmenter):
@@ -200,8 +192,7 @@ def build_sam_alphaclip_segmenter(
 
     options = GeneratorOptions(points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
                                crop_n_layers, min_mask_region_area)
-    if region not in REGION_MODES:
-        raise UsageError(f"unknown --region {region!r}; choose one of {', '.join(REGION_MODES)}")
+    check_region(region)  # before any weights are loaded
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     alpha_name = model or DEFAULT_ALPHA_CLIP

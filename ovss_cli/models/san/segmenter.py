@@ -196,7 +196,7 @@ class SanSegmenter(Segmenter):
                 for j, view in enumerate(chunk):
                     scores = self._scores(mask_logits[-1][j], class_logits[-1][j], tuple(view.tensor.shape[-2:]),
                                           score_sizes[view.image], padded)
-                    scores = merge_names(scores, vocab)
+                    scores = vocab.best_name_per_class(scores, dim=0)
                     if view.flip:
                         scores = scores.flip(-1)
                     sums[view.image] = scores if sums[view.image] is None else sums[view.image] + scores
@@ -219,17 +219,6 @@ class SanSegmenter(Segmenter):
 
     def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
         return self.predict_batch([image], vocabulary)[0]
-
-
-def merge_names(scores: Tensor, vocabulary: Vocabulary) -> Tensor:
-    """Per-name scores (N x H x W) -> per class (each takes its best name), then one channel
-    per distractor: ``vocabulary.num_competitors`` channels."""
-    if len(vocabulary.prompt_names) == vocabulary.num_competitors:
-        return scores
-    groups: dict[int, list[int]] = {}
-    for name_index, class_index in enumerate(vocabulary.name_to_class):
-        groups.setdefault(class_index, []).append(name_index)
-    return torch.stack([scores[idx].amax(dim=0) for _, idx in sorted(groups.items())])
 
 
 def build_san_segmenter(
