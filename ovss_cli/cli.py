@@ -170,6 +170,7 @@ def segment(
         # Cheap checks first: a typo should not cost a model download.
         vocabulary = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors))
         fmt = parse_formats(formats)
+        # a listing-only walk (nothing decoded) gives the progress bar its total and ETA
         total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
         segmenter = build_segmenter(model_options, quiet)
         with image_progress(total, enabled=not quiet) as advance:
@@ -210,7 +211,7 @@ def evaluate(
     """Evaluate on a benchmark (mIoU, fwIoU, mACC, pACC as detectron2), or with open vocabularies."""
 
     def body() -> int:
-        from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names
+        from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names, select_indices
         from .distractors import distractor_names
         from .errors import UsageError
         from .evaluate import evaluate_dataset, load_per_image_vocabulary, write_evaluation
@@ -229,7 +230,7 @@ def evaluate(
         per_image = load_per_image_vocabulary(per_image_vocabulary) if per_image_vocabulary else None
         out_dir = out or Path("ovss_eval") / data.name
         segmenter = build_segmenter(model_options, quiet or as_json)
-        total = len(list(data.samples(limit=limit, subset=subset)))
+        total = len(select_indices(len(data), limit=limit, subset=subset))
         with image_progress(total, enabled=not (quiet or as_json), label=f"evaluating {data.name}") as advance:
             result = evaluate_dataset(
                 segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
