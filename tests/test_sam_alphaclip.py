@@ -1,6 +1,7 @@
 """SAM + Alpha-CLIP: model parity, region modes, containment filter, composition, end to end."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,17 +13,18 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from helpers import random_image, write_seeded_alpha_clip, write_seeded_sam
+from helpers import TINY_CLIP, random_image, write_seeded_alpha_clip, write_seeded_sam
 from ovss_cli import UNLABELLED, load_segmenter
 from ovss_cli.cli import app
 from ovss_cli.clip.model import CLIP_CONFIGS
 from ovss_cli.errors import UsageError, WeightsError
-from ovss_cli.models.sam_alphaclip.alpha_clip import AlphaClip, load_alpha_clip
+from ovss_cli.models.sam_alphaclip.alpha_clip import (AlphaClip, bmm_attention, class_token_block, load_alpha_clip,
+                                                       mha_attention)
 from ovss_cli.models.sam_alphaclip.compose import compose, fill_nearest, owner_map
 from ovss_cli.models.sam_alphaclip.preprocess import preprocess_alpha, preprocess_pixels, resize_crop_geometry
 from ovss_cli.models.sam_alphaclip.proposals import SAM_ARCHS, build_sam, containment_filter, infer_sam_arch, load_sam
 from ovss_cli.models.sam_alphaclip.regions import blur_image, region_fn, square_crop_box
-from ovss_cli.models.sam_alphaclip.segmenter import class_probabilities
+from ovss_cli.models.sam_alphaclip.segmenter import MaskClassifier, class_probabilities
 from ovss_cli.vocabulary import parse_class_lines
 
 # --- Alpha-CLIP model -------------------------------------------------------------------
@@ -46,6 +48,44 @@ def test_alpha_clip_parity_with_official_features(official_tiny):
         text = model.encode_text(f["prompts"])
     assert rel_err(image, f["image_features"]) <= 1e-4
     assert rel_err(text, f["text_features"]) <= 1e-4
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "bmm"])
+def test_both_attention_kernels_give_the_official_features(official_tiny, kernel):
+    model, f = official_tiny
+    model.visual.attention = kernel
+    try:
+        with torch.no_grad():
+            image = model.encode_image(f["preprocessed_image"], f["alpha"])
+    finally:
+        model.visual.attention = "sdpa"
+    assert rel_err(image, f["image_features"]) <= 1e-5
+
+
+def test_class_token_block_equals_the_full_blocks_class_token():
+    torch.manual_seed(0)
+    block = AlphaClip(TINY_CLIP).visual.transformer.resblocks[-1].eval()
+    x = torch.randn(9, 3, 64)  # sequence-first: 9 tokens, batch 3
+    with torch.no_grad():
+        full = block(x)[0]
+        seq_first = class_token_block(block, x, mha_attention, token_dim=0)
+        batch_first = class_token_block(block, x.transpose(0, 1), bmm_attention, token_dim=1)
+    assert seq_first.shape == (3, 64)
+    assert torch.allclose(seq_first, full, atol=1e-5)
+    assert torch.allclose(batch_first, full, atol=1e-5)
+
+
+def test_bf16_uses_the_bmm_kernel_and_stays_close_to_fp32(official_tiny):
+    model, f = official_tiny
+    templates = ["a photo of a {}."]
+    exact = MaskClassifier(copy.deepcopy(model), torch.device("cpu"), "fp32", templates)
+    fast = MaskClassifier(copy.deepcopy(model), torch.device("cpu"), "bf16", templates)
+    assert (exact.model.visual.attention, fast.model.visual.attention) == ("sdpa", "bmm")
+    pixels, alpha = f["preprocessed_image"].expand(4, -1, -1, -1), f["alpha"].expand(4, -1, -1, -1)
+    text = torch.nn.functional.normalize(torch.randn(5, f["image_features"].shape[1]), dim=-1)
+    a, b = exact.logits(pixels, alpha, text), fast.logits(pixels, alpha, text)
+    assert b.dtype == torch.float32
+    assert rel_err(b, a) < 0.05 and torch.equal(a.argmax(1), b.argmax(1))
 
 
 def test_pixel_preprocessing_equals_official(official_tiny):
@@ -144,6 +184,18 @@ def test_region_blur_blurs_outside_only():
     assert 0 < px[10, 59, 0] < 200 and 0 < px[10, 60, 0] < 200  # the edge outside is smeared
     assert px[10, 5, 0] == 0 and px[10, 110, 0] == 200  # far from the edge nothing changes
     assert np.array_equal(blur_image(image), cv2.GaussianBlur(image, (15, 15), 0))
+
+
+@pytest.mark.parametrize("mode", ["blur", "black"])
+def test_region_accepts_non_bool_and_strided_masks(mode):
+    image, mask = random_image(100, 120, seed=5), box_mask()
+    expected, _ = region_fn(mode, image)(mask)
+    as_255 = mask.astype(np.uint8) * 255
+    strided = np.zeros((100, 240), bool)
+    strided[:, ::2] = mask
+    for other in (as_255, strided[:, ::2]):
+        px, _ = region_fn(mode, image)(other)
+        assert np.array_equal(px, expected)
 
 
 def test_region_crop_is_a_padded_square():

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ...clip.model import ClipTextTower, build_clip, load_clip_config, sequence_first, tokenize
 from ...errors import WeightsError
 
 # Keys of OpenAI's JIT checkpoints that are not parameters.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+# How the visual tower computes attention: "sdpa" is nn.MultiheadAttention's own path (the
+# parity path, and the fast one on GPUs); "bmm" is per-head batched matmuls, which on a CPU in
+# bf16 beat the fused CPU kernel for CLIP's short (197-token) sequences.
+ATTENTION_KERNELS = ("sdpa", "bmm")
 
 
 class AlphaClipVisual(nn.Module):
@@ -38,6 +45,7 @@ class AlphaClipVisual(nn.Module):
         self.ln_post = visual.ln_post
         self.proj = visual.proj
         self.image_size = int(visual.image_size[0])
+        self.attention = "sdpa"  # one of ATTENTION_KERNELS
 
     def forward(self, pixels: Tensor, alpha: Tensor) -> Tensor:
         """pixels: B x 3 x S x S (CLIP-normalised), alpha: B x 1 x S x S (normalised mask)
@@ -46,10 +54,61 @@ class AlphaClipVisual(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(x).permute(1, 0, 2)
-        for block in self.transformer.resblocks:
-            x = block(x)
-        return self.ln_post(x[0]) @ self.proj
+        x = self.ln_pre(x)  # B x L x C
+        *body, last = self.transformer.resblocks
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {self.attention!r}; one of {ATTENTION_KERNELS}")
+        if self.attention == "bmm":
+            for block in body:
+                x = x + block.ls_1(bmm_attention(block.attn, block.ln_1(x)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            cls_out = class_token_block(last, x, bmm_attention, token_dim=1)
+        else:
+            x = x.permute(1, 0, 2)  # L x B x C: the blocks' attention is sequence-first
+            for block in body:
+                x = block(x)
+            cls_out = class_token_block(last, x, mha_attention, token_dim=0)
+        return self.ln_post(cls_out) @ self.proj
+
+
+def mha_attention(attn: nn.MultiheadAttention, query: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """``attn`` by nn.MultiheadAttention itself (sequence-first inputs)."""
+    tokens = query if tokens is None else tokens
+    return attn(query, tokens, tokens, need_weights=False)[0]
+
+
+def bmm_attention(attn: nn.MultiheadAttention, query: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """``attn`` as one batched matmul pair per head on batch-first inputs (B x L x C).
+
+    The heads are strided views of the projections, so nothing is copied head-major; scores
+    and softmax stay in the compute dtype (bf16 under autocast)."""
+    width = query.shape[-1]
+    head = width // attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if tokens is None:
+        q, k, v = F.linear(query, weight, bias).split(width, dim=-1)
+    else:
+        q = F.linear(query, weight[:width], bias[:width])
+        k, v = F.linear(tokens, weight[width:], bias[width:]).split(width, dim=-1)
+    q = q * head**-0.5
+    heads = [slice(i * head, (i + 1) * head) for i in range(attn.num_heads)]
+    out = [torch.bmm(torch.bmm(q[..., h], k[..., h].transpose(1, 2)).softmax(-1), v[..., h]) for h in heads]
+    return F.linear(torch.cat(out, dim=-1), attn.out_proj.weight, attn.out_proj.bias)
+
+
+Attention = Callable[[nn.MultiheadAttention, Tensor, Tensor | None], Tensor]
+
+
+def class_token_block(block: nn.Module, x: Tensor, attention: Attention, token_dim: int) -> Tensor:
+    """The last residual block's output for the class token only (B x C).
+
+    Only the class token leaves the tower, so the last block's queries, output projection and
+    MLP are computed for it alone; its attention still reads every token. The full block's class
+    token up to float rounding, for about a twelfth less work in a ViT-B."""
+    h = block.ln_1(x)
+    y = x.narrow(token_dim, 0, 1) + block.ls_1(attention(block.attn, h.narrow(token_dim, 0, 1), h))
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    return y.select(token_dim, 0)
 
 
 class AlphaClip(nn.Module):

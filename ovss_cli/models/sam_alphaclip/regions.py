@@ -60,6 +60,12 @@ def draw_ellipse(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def cv_mask(mask: np.ndarray) -> np.ndarray:
+    """``mask`` as the uint8 array OpenCV's masked operations take (a bool mask is viewed, not
+    copied)."""
+    return mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).astype(np.uint8)
+
+
 def check_region(mode: str) -> str:
     """``mode`` if it is a known region mode, else a UsageError listing them."""
     if mode not in REGION_MODES:
@@ -70,13 +76,19 @@ def check_region(mode: str) -> str:
 def region_fn(mode: str, image: np.ndarray, blurred: np.ndarray | None = None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The per-mask function for ``mode`` on one image. Image-wide work (the blur) is done
     by the caller once and passed in as ``blurred``."""
+    image = np.ascontiguousarray(image)
     if mode == "none":
         return lambda mask: (image, mask)
     if mode == "blur":
         background = blurred if blurred is not None else blur_image(image)
-        return lambda mask: (np.where(mask[..., None], image, background), mask)
+
+        def blur(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out = background.copy()
+            cv2.copyTo(image, cv_mask(mask), out)  # the image where the mask is set
+            return out, mask
+        return blur
     if mode == "black":
-        return lambda mask: (image * mask[..., None].astype(image.dtype), mask)
+        return lambda mask: (cv2.bitwise_and(image, image, mask=cv_mask(mask)), mask)
     if mode == "crop":
         def crop(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             x0, y0, x1, y1 = square_crop_box(mask)

@@ -30,6 +30,13 @@ DEFAULT_TEMPLATES = "photo"
 DEFAULT_MIN_SCORE = 0.2
 
 
+def attention_kernel(device: torch.device, precision: str) -> str:
+    """The visual tower's attention kernel: per-head matmuls for bf16 on a CPU (measured faster
+    there than the fused kernel, benchmarks/RESULTS.md), nn.MultiheadAttention otherwise (the
+    fp32 parity path, and the fused GPU kernels)."""
+    return "bmm" if device.type == "cpu" and precision != "fp32" else "sdpa"
+
+
 class MaskClassifier:
     """Alpha-CLIP classification of masks against a vocabulary (text features cached)."""
 
@@ -41,6 +48,7 @@ class MaskClassifier:
             raise UsageError("--mask-batch-size must be at least 1")
         self.model = model.to(device)
         cast_matmul_weights(self.model.visual, precision)  # the text tower stays fp32
+        self.model.visual.attention = attention_kernel(device, precision)
         self.device = device
         self.precision = precision
         self.region = region
