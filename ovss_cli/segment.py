@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .errors import UsageError, failure_reason
 from .io.images import InputImage, output_stem, read_image
@@ -107,17 +106,15 @@ def class_fractions(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 def class_segments(prediction: Prediction) -> list[Segment]:
     """COCO segments: the method's own, or one per present class of the label map with the
-    class's mean normalised score over its pixels as confidence."""
+    mean confidence over its pixels as the segment's score."""
     if prediction.segments is not None:
         return prediction.segments
     labels = prediction.labels
-    scores = prediction.scores
-    total = scores.sum(dim=0).clamp_min(1e-12)
     segments = []
     for c in np.unique(labels[labels >= 0]):
         mask = labels == c
-        share = (scores[int(c)] / total)[torch.from_numpy(mask)]
-        segments.append(Segment(int(c), float(share.mean()), mask))
+        score = float(prediction.confidence[mask].mean()) if prediction.confidence is not None else 1.0
+        segments.append(Segment(int(c), score, mask))
     return segments
 
 

@@ -34,26 +34,21 @@ class Segment:
 
 @dataclass
 class Prediction:
-    """What a segmenter returns for one image.
+    """What a segmenter returns for one image, on the host (numpy / CPU tensors).
 
-    ``scores`` is C x H x W (float32, on the CPU) at the input image's size, one channel per
-    vocabulary class: for SAN the official ``sem_seg``. ``labels`` is H x W int32: a class
-    index, :data:`UNLABELLED`, or :data:`OTHER` (won by a distractor).
+    ``labels`` is H x W int32: a class index, :data:`UNLABELLED`, or :data:`OTHER` (won by a
+    distractor). ``confidence`` (H x W float32, optional) is how sure the method is of each
+    pixel's class: for SAN the winning class's share of the classes' summed score. ``scores``
+    is C x H x W float32 at the input image's size, one channel per vocabulary class (for SAN
+    the official ``sem_seg``); it can be large (C x H x W), so methods build it only when the
+    caller asks (``with_scores=True``). ``segments`` are the method's own regions, if any.
     """
 
-    scores: torch.Tensor
     labels: np.ndarray
+    scores: torch.Tensor | None = None
+    confidence: np.ndarray | None = None
     segments: list[Segment] | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def labels_from_scores(scores: torch.Tensor, num_classes: int | None = None) -> np.ndarray:
-    """Arg-max labels (int32) of a G x H x W score map whose first ``num_classes`` channels are
-    the vocabulary's classes and the rest distractors (their wins become :data:`OTHER`)."""
-    labels = scores.argmax(dim=0).to(torch.int32).numpy()
-    if num_classes is not None and num_classes < scores.shape[0]:
-        labels[labels >= num_classes] = OTHER
-    return labels
 
 
 class Segmenter(ABC):
@@ -63,15 +58,17 @@ class Segmenter(ABC):
     model_name: str = ""
 
     @abstractmethod
-    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
-        """Segment one H x W x 3 uint8 RGB image with the given vocabulary."""
+    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str], *,
+                with_scores: bool = False) -> Prediction:
+        """Segment one H x W x 3 uint8 RGB image with the given vocabulary; ``with_scores``
+        also returns the C x H x W score map."""
 
     def predict_batch(
-        self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str]
+        self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str], *, with_scores: bool = False
     ) -> list[Prediction]:
         """Segment several images; methods override this to batch their forward passes."""
         vocab = as_vocabulary(vocabulary)
-        return [self.predict(image, vocab) for image in images]
+        return [self.predict(image, vocab, with_scores=with_scores) for image in images]
 
     def can_label_other(self, vocabulary: Vocabulary) -> bool:
         """Whether predictions may contain :data:`OTHER` (outputs reserve a value for it)."""

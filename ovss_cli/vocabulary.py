@@ -83,16 +83,22 @@ class Vocabulary:
 
     def best_name_per_class(self, values: "torch.Tensor", dim: int) -> "torch.Tensor":
         """Reduce per-name ``values`` (``len(prompt_names)`` entries along ``dim``) to one entry
-        per competitor (class, then each distractor): a class takes its best name's value."""
+        per competitor (class, then each distractor): a class takes its best name's value.
+
+        A competitor's names are contiguous in :attr:`prompt_names`, so this is one gather of
+        every competitor's first name plus a max over each multi-name class's run."""
         if len(self.prompt_names) == self.num_competitors:
             return values
         import torch
 
-        groups: dict[int, list[int]] = {}
-        for name_index, class_index in enumerate(self.name_to_class):
-            groups.setdefault(class_index, []).append(name_index)
-        index = [torch.tensor(idx, device=values.device) for _, idx in sorted(groups.items())]
-        return torch.stack([values.index_select(dim, i).amax(dim) for i in index], dim)
+        owners = self.name_to_class
+        starts = [i for i, c in enumerate(owners) if i == 0 or owners[i - 1] != c]
+        out = values.index_select(dim, torch.tensor(starts, device=values.device))
+        for competitor, start in enumerate(starts):
+            stop = starts[competitor + 1] if competitor + 1 < len(starts) else len(owners)
+            if stop - start > 1:
+                out.select(dim, competitor).copy_(values.narrow(dim, start, stop - start).amax(dim))
+        return out
 
     def with_distractors(self, names: Iterable[str]) -> "Vocabulary":
         """This vocabulary plus distractor names, skipping any equal (ignoring case and

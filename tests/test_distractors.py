@@ -58,7 +58,7 @@ def image_with_other(reference_dir, tmp_path_factory):
     weights = reference_dir / "san" / "tiny-seed0.weights.pth"
     segmenter = load_segmenter("san", weights=str(weights), clip_config=fixture["clip_config"])
     vocab = parse_class_list(CLASSES).with_distractors(["window", "lamp"])
-    pred = segmenter.predict(read_image(folder / "in" / "scene.png"), vocab)
+    pred = segmenter.predict(read_image(folder / "in" / "scene.png"), vocab, with_scores=True)
     assert (pred.labels == OTHER).any() and (pred.labels >= 0).any()  # the scene this test needs
     cli = ["--weights", str(weights), "--clip-config", str(folder / "clip.json")]
     return folder, segmenter, vocab, pred, cli
@@ -67,7 +67,7 @@ def image_with_other(reference_dir, tmp_path_factory):
 def test_other_is_exactly_where_a_distractor_wins(image_with_other):
     folder, segmenter, vocab, pred, _ = image_with_other
     flat = Vocabulary.from_names(vocab.prompt_names)  # the distractors as ordinary classes
-    plain = segmenter.predict(read_image(folder / "in" / "scene.png"), flat)
+    plain = segmenter.predict(read_image(folder / "in" / "scene.png"), flat, with_scores=True)
     won_by_distractor = plain.labels >= len(vocab)
     assert np.array_equal(pred.labels == OTHER, won_by_distractor)
     assert np.array_equal(pred.labels[~won_by_distractor], plain.labels[~won_by_distractor])
@@ -123,7 +123,7 @@ def test_sam_min_score_and_distractors_in_composition():
     left[:, :2] = True
     # columns: class 0, class 1, distractor
     probs = np.array([[0.15, 0.15, 0.70], [0.50, 0.30, 0.20]], np.float32)
-    pred = compose([full, left], probs, (4, 4), num_classes=2, min_score=0.0)
+    pred = compose([full, left], probs, (4, 4), num_classes=2, min_score=0.0, with_scores=True)
     assert (pred.labels[:, :2] == 0).all() and (pred.labels[:, 2:] == OTHER).all()
     assert [s.class_index for s in pred.segments] == [0]  # no segment for the distractor's mask
     assert torch.allclose(pred.scores[:, 0, 3], torch.tensor([0.15, 0.15]))
@@ -141,14 +141,14 @@ def test_sam_softmax_includes_each_distractor():
 def test_tta_is_the_mean_of_the_augmented_predictions(seeded_san):
     image = random_image(50, 70, seed=11)
     vocab = ["cat", "sofa", "window"]
-    tta = load_segmenter("san", weights=str(seeded_san), tta=True).predict(image, vocab)
+    tta = load_segmenter("san", weights=str(seeded_san), tta=True).predict(image, vocab, with_scores=True)
     single = load_segmenter("san", weights=str(seeded_san))
     single.max_size = 4480
     views = []
     for short in (320, 480, 640, 800, 960, 1120):
         single.resize_short = short
-        views.append(single.predict(image, vocab).scores)
-        views.append(single.predict(np.ascontiguousarray(image[:, ::-1]), vocab).scores.flip(-1))
+        views.append(single.predict(image, vocab, with_scores=True).scores)
+        views.append(single.predict(np.ascontiguousarray(image[:, ::-1]), vocab, with_scores=True).scores.flip(-1))
     mean = torch.stack(views).mean(0)
     assert tta.scores.shape == (3, 50, 70)
     assert torch.allclose(tta.scores, mean, atol=1e-5, rtol=1e-4)

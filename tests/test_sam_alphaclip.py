@@ -243,7 +243,7 @@ def test_compose_smaller_masks_win_and_uncovered_stay_unlabelled():
     small = np.zeros((6, 8), bool)
     small[2:4, 2:4] = True
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
-    pred = compose([small, big], probs, (6, 8))
+    pred = compose([small, big], probs, (6, 8), with_scores=True)
     expected = np.full((6, 8), UNLABELLED)
     expected[:, :6] = 2  # the big mask's class
     expected[2:4, 2:4] = 0  # the small mask, painted last, wins
@@ -252,6 +252,9 @@ def test_compose_smaller_masks_win_and_uncovered_stay_unlabelled():
     assert torch.allclose(pred.scores[:, 0, 0], torch.tensor([0.1, 0.1, 0.8]))
     assert torch.equal(pred.scores[:, 0, 7], torch.zeros(3))
     assert [(s.class_index, round(s.score, 3)) for s in pred.segments] == [(0, 0.7), (2, 0.8)]
+    assert pred.confidence[3, 3] == pytest.approx(0.7) and pred.confidence[0, 0] == pytest.approx(0.8)
+    assert pred.confidence[0, 7] == 0
+    assert compose([small, big], probs, (6, 8)).scores is None  # the dense map only when asked
 
 
 def test_compose_fill_nearest():
@@ -267,7 +270,7 @@ def test_compose_fill_nearest():
 
 
 def test_compose_without_masks_warns():
-    pred = compose([], np.zeros((0, 3), np.float32), (5, 7))
+    pred = compose([], np.zeros((0, 3), np.float32), (5, 7), with_scores=True)
     assert (pred.labels == UNLABELLED).all() and pred.scores.shape == (3, 5, 7)
     assert pred.warnings and "no mask" in pred.warnings[0]
 

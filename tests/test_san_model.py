@@ -88,7 +88,7 @@ def rounding_sensitivity(segmenter, image: np.ndarray, vocabulary, eps: float = 
 def test_parity_with_official_sem_seg(tiny_official):
     segmenter, fixture = tiny_official
     image = fixture["image_rgb_uint8"].permute(1, 2, 0).numpy()
-    pred = segmenter.predict(image, fixture["vocabulary"])
+    pred = segmenter.predict(image, fixture["vocabulary"], with_scores=True)
     ref = fixture["sem_seg"]
     assert pred.scores.shape == ref.shape
     strict = 1e-4 * ref.abs().max()
@@ -146,7 +146,7 @@ def seeded(tmp_path_factory):
 
 def test_output_is_at_input_size_and_labels_are_argmax(seeded):
     segmenter, _ = seeded
-    pred = segmenter.predict(random_image(123, 77), "cat,sofa,window")
+    pred = segmenter.predict(random_image(123, 77), "cat,sofa,window", with_scores=True)
     assert pred.scores.shape == (3, 123, 77)
     assert pred.labels.shape == (123, 77)
     assert np.array_equal(pred.labels, pred.scores.argmax(0).numpy())
@@ -155,9 +155,9 @@ def test_output_is_at_input_size_and_labels_are_argmax(seeded):
 def test_batch_equals_single(seeded):
     segmenter, _ = seeded
     images = [random_image(100, 150, seed=s) for s in range(3)] + [random_image(90, 90, seed=9)]
-    batch = segmenter.predict_batch(images, ["cat", "sofa"])
+    batch = segmenter.predict_batch(images, ["cat", "sofa"], with_scores=True)
     for image, pred in zip(images, batch):
-        single = segmenter.predict(image, ["cat", "sofa"])
+        single = segmenter.predict(image, ["cat", "sofa"], with_scores=True)
         assert torch.allclose(single.scores, pred.scores, atol=1e-5, rtol=1e-5)
 
 

@@ -43,16 +43,19 @@ def fill_nearest(owner: np.ndarray) -> np.ndarray:
 
 
 def compose(masks: list[np.ndarray], probs: np.ndarray, shape: tuple[int, int], num_classes: int | None = None,
-            fill: str = "none", min_score: float = 0.0) -> Prediction:
+            fill: str = "none", min_score: float = 0.0, with_scores: bool = False) -> Prediction:
     """Prediction from M masks and their M x G probabilities over the vocabulary's
-    ``num_classes`` classes followed by its distractors."""
+    ``num_classes`` classes followed by its distractors. Each pixel's confidence is its owning
+    mask's best probability; the dense C x H x W scores (each pixel: its mask's probabilities)
+    are built only ``with_scores``."""
     if fill not in FILL_MODES:
         raise UsageError(f"unknown --fill {fill!r}; choose one of {', '.join(FILL_MODES)}")
     num_classes = probs.shape[1] if num_classes is None else num_classes
     if not masks:
         return Prediction(
-            scores=torch.zeros(num_classes, *shape),
             labels=np.full(shape, UNLABELLED, dtype=np.int32),
+            scores=torch.zeros(num_classes, *shape) if with_scores else None,
+            confidence=np.zeros(shape, np.float32),
             segments=[],
             warnings=["no mask found: every pixel is unlabelled"],
         )
@@ -62,9 +65,12 @@ def compose(masks: list[np.ndarray], probs: np.ndarray, shape: tuple[int, int], 
     best = probs.argmax(axis=1)
     best_prob = probs[np.arange(len(masks)), best]
     classes = np.where((best < num_classes) & (best_prob >= min_score), best, OTHER).astype(np.int32)
-    # index -1 -> the extra last row (no class, zero scores)
+    # index -1 -> the extra last entry (no mask: unlabelled, zero confidence and scores)
     labels = np.append(classes, UNLABELLED).astype(np.int32)[owner]
-    table = np.vstack([probs[:, :num_classes], np.zeros((1, num_classes), dtype=probs.dtype)]).astype(np.float32)
-    scores = torch.from_numpy(np.ascontiguousarray(table[owner].transpose(2, 0, 1)))
+    confidence = np.append(best_prob, 0).astype(np.float32)[owner]
+    scores = None
+    if with_scores:
+        table = np.vstack([probs[:, :num_classes], np.zeros((1, num_classes), dtype=probs.dtype)]).astype(np.float32)
+        scores = torch.from_numpy(np.ascontiguousarray(table[owner].transpose(2, 0, 1)))
     segments = [Segment(int(classes[i]), float(best_prob[i]), masks[i]) for i in range(len(masks)) if classes[i] >= 0]
-    return Prediction(scores=scores, labels=labels, segments=segments)
+    return Prediction(labels=labels, scores=scores, confidence=confidence, segments=segments)

@@ -140,12 +140,14 @@ class SamAlphaClipSegmenter(Segmenter):
             found = [found[i] for i in containment_filter([p.bbox for p in found])]
         return found
 
-    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
+    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str], *,
+                with_scores: bool = False) -> Prediction:
         vocab = as_vocabulary(vocabulary)
         masks = [p.mask for p in self.proposals(image)]
         probs = (self.classifier.classify(image, masks, vocab) if masks
                  else np.zeros((0, vocab.num_competitors), np.float32))
-        return compose(masks, probs, image.shape[:2], len(vocab), fill=self.fill, min_score=self.min_score)
+        return compose(masks, probs, image.shape[:2], len(vocab), fill=self.fill, min_score=self.min_score,
+                       with_scores=with_scores)
 
 
 def matching_clip_entry(alpha_state: dict[str, torch.Tensor], source: str) -> str:

@@ -1,7 +1,7 @@
 """SAN behind the :class:`~ovss_cli.segmenter.Segmenter` interface, inferring exactly as the
 official evaluation does: short side to 640 (PIL bilinear), CLIP normalisation, zero padding
 to a multiple of 32, then ``sem_seg = sum_q softmax(class_q)[:-1] * sigmoid(mask_q)`` at the
-input image's size.
+input image's size (built band by band, see :mod:`.postprocess`).
 """
 from __future__ import annotations
 
@@ -14,24 +14,22 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 
 from ...clip.model import load_clip_config
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
 from ...runtime import autocast, cast_matmul_weights, resolve_device, resolve_precision
-from ...segmenter import Prediction, Segmenter, labels_from_scores
+from ...segmenter import Prediction, Segmenter
 from ...vocabulary import Vocabulary, as_vocabulary
 from .checkpoint import load_san_weights, read_san_checkpoint
 from .config import CLIP_MEAN, CLIP_STD, SanConfig, get_san_config
 from .model import SanModel
+from .postprocess import ViewLogits, combine_views
 
 DEFAULT_MODEL = "san-vit-b16"
-QUERY_CHUNK = 20  # queries upsampled at once in post-processing (bounds memory on large images)
 # Official test-time augmentation: these short sides (long side at most 4480), each also flipped.
 TTA_SHORT_SIDES = (320, 480, 640, 800, 960, 1120)
 TTA_MAX_SIZE = 4480
-SCORE_BUDGET = 1 << 28  # score-map values per image built at full size (1 GiB in fp32)
 CLASSIFIER_CACHE = 8  # vocabularies whose classifier is kept (the name embeddings stay cached)
 VIEW_PIXELS = 4 * 640 * 864  # padded pixels per forward: bounds activation memory in batches
 
@@ -147,43 +145,17 @@ class SanSegmenter(Segmenter):
         return (-(-h // d) * d, -(-w // d) * d)
 
     @torch.no_grad()
-    def _scores(self, mask_logits: Tensor, class_logits: Tensor, image_size: tuple[int, int],
-                out_size: tuple[int, int], padded: tuple[int, int]) -> Tensor:
-        """Q masks at 1/16 -> padded size -> cropped -> output size, combined with class
-        probabilities; done in query chunks so memory stays bounded."""
-        probs = F.softmax(class_logits.float(), dim=-1)[:, :-1]
-        scores = None
-        for start in range(0, mask_logits.shape[0], QUERY_CHUNK):
-            m = mask_logits[None, start : start + QUERY_CHUNK].float()
-            m = F.interpolate(m, size=padded, mode="bilinear", align_corners=False)
-            m = m[:, :, : image_size[0], : image_size[1]]
-            m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)[0]
-            part = torch.einsum("qc,qhw->chw", probs[start : start + QUERY_CHUNK], m.sigmoid())
-            scores = part if scores is None else scores + part
-        return scores
-
-    def _score_size(self, image: np.ndarray, vocabulary: Vocabulary) -> tuple[int, int]:
-        """Where score maps are built: the image's own size, as the official inference does,
-        unless that would take more than SCORE_BUDGET values (a very large photo with a large
-        vocabulary); then at the default inference size, resized to the image at the end."""
-        h, w = image.shape[:2]
-        if len(vocabulary.prompt_names) * h * w <= SCORE_BUDGET:
-            return (h, w)
-        return shortest_edge_size(h, w, self.config.min_size_test, self.config.max_size_test)
-
-    @torch.no_grad()
-    def predict_batch(self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str]) -> list[Prediction]:
+    def predict_batch(self, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str], *,
+                      with_scores: bool = False) -> list[Prediction]:
         vocab = as_vocabulary(vocabulary)
         classifier = self.classifier(vocab)
         views = [v for i, image in enumerate(images) for v in self._views(i, image)]
-        score_sizes = [self._score_size(image, vocab) for image in images]
         # Views batch together only when they pad to the same size: padding changes what CLIP
         # attends to, so mixed sizes would change each view's result.
         groups: dict[tuple[int, int], list[_View]] = {}
         for view in views:
             groups.setdefault(self._padded_size(view.tensor), []).append(view)
-        sums: list[Tensor | None] = [None] * len(images)
-        counts = [0] * len(images)
+        outputs: list[list[ViewLogits]] = [[] for _ in images]
         for padded, group in groups.items():
             per_forward = max(1, VIEW_PIXELS // (padded[0] * padded[1]))
             for start in range(0, len(group), per_forward):
@@ -194,31 +166,20 @@ class SanSegmenter(Segmenter):
                 with autocast(self.device, self.precision):
                     mask_logits, class_logits = self.model(batch, classifier)
                 for j, view in enumerate(chunk):
-                    scores = self._scores(mask_logits[-1][j], class_logits[-1][j], tuple(view.tensor.shape[-2:]),
-                                          score_sizes[view.image], padded)
-                    scores = vocab.best_name_per_class(scores, dim=0)
-                    if view.flip:
-                        scores = scores.flip(-1)
-                    sums[view.image] = scores if sums[view.image] is None else sums[view.image] + scores
-                    counts[view.image] += 1
+                    out_size = images[view.image].shape[:2]
+                    outputs[view.image].append(ViewLogits.build(
+                        mask_logits[-1][j], class_logits[-1][j], tuple(view.tensor.shape[-2:]), padded, out_size,
+                        view.flip))
         results = []
-        for i, image in enumerate(images):
-            scores = sums[i] / counts[i] if counts[i] > 1 else sums[i]
-            results.append(self._prediction(scores, vocab, image.shape[:2]))
+        for image, image_views in zip(images, outputs):
+            out = combine_views(image_views, vocab, image.shape[:2], with_scores=with_scores)
+            results.append(Prediction(labels=out.labels.numpy(), scores=out.scores,
+                                      confidence=out.confidence.numpy()))
         return results
 
-    def _prediction(self, scores: Tensor, vocab: Vocabulary, size: tuple[int, int]) -> Prediction:
-        """Labels over classes and distractors (distractor wins are OTHER); scores for the
-        vocabulary's classes, at the image's size."""
-        c = len(vocab)
-        if tuple(scores.shape[-2:]) != tuple(size):  # built at a reduced size (SCORE_BUDGET)
-            keep = scores[:c] if scores.shape[0] == c else torch.cat([scores[:c], scores[c:].amax(0, keepdim=True)])
-            scores = F.interpolate(keep[None], size=size, mode="bilinear", align_corners=False)[0]
-        labels = labels_from_scores(scores, c)
-        return Prediction(scores=scores[:c].cpu(), labels=labels)
-
-    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str]) -> Prediction:
-        return self.predict_batch([image], vocabulary)[0]
+    def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str], *,
+                with_scores: bool = False) -> Prediction:
+        return self.predict_batch([image], vocabulary, with_scores=with_scores)[0]
 
 
 def build_san_segmenter(
