@@ -161,7 +161,7 @@ def segment(
     """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest."""
 
     def body() -> int:
-        from .io.images import iter_inputs
+        from .io.images import InputWalk
         from .reporting import image_progress, print_segment_summary
         from .distractors import distractor_names
         from .segment import parse_formats, segment_images
@@ -170,12 +170,16 @@ def segment(
         # Cheap checks first: a typo should not cost a model download.
         vocabulary = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors))
         fmt = parse_formats(formats)
-        # a listing-only walk (nothing decoded) gives the progress bar its total and ETA
-        total = None if "-" in paths else sum(1 for _ in iter_inputs(paths))
+        walk = InputWalk(paths)
+        # a listing-only walk (nothing decoded) gives the progress bar its total and ETA, and
+        # finds an input without images before a model is loaded
+        total = None if "-" in paths else sum(1 for _ in walk)
+        if total == 0:
+            raise walk.nothing_found()
         segmenter = build_segmenter(model_options, quiet)
         with image_progress(total, enabled=not quiet) as advance:
             summary = segment_images(
-                segmenter, iter_inputs(paths), vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance
+                segmenter, walk, vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance
             )
         if not quiet:
             print_segment_summary(summary)
@@ -203,6 +207,7 @@ def evaluate(
     distractors: str = typer.Option("none", "--distractors", help="Extra competing names (coco-all | coco-stuff | none | FILE); pixels they win count as misses."),
     per_class: bool = typer.Option(False, "--per-class", help="Print per-class IoU and accuracy."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write each prediction as a label PNG under OUT/predictions."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first sample that fails (default: leave it out, report it, mark the metrics partial)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for metrics.json (default ovss_eval/<dataset>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
@@ -235,7 +240,7 @@ def evaluate(
             result = evaluate_dataset(
                 segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
                 distractors=distractor_names(distractors), limit=limit, subset=subset, on_result=advance,
-                predictions_dir=out_dir / "predictions" if save_predictions else None,
+                predictions_dir=out_dir / "predictions" if save_predictions else None, strict=strict,
             )
         paths = write_evaluation(result, out_dir)
         if as_json:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .datasets import Sample, SemSegDataset
-from .errors import UsageError, failure_reason
+from .errors import InputError, UsageError, failure_reason
 from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
 from .io.prefetch import prefetched
@@ -36,6 +36,10 @@ class SampleResult:
     seconds: float = 0.0
     error: str | None = None
 
+    @property
+    def path(self) -> Path:
+        return self.sample.image_path
+
 
 @dataclass
 class EvaluationResult:
@@ -47,7 +51,7 @@ class EvaluationResult:
     images: int = 0
     failed: int = 0
     seconds: float = 0.0
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # every failed sample: (image, reason)
     metrics: SemSegMetrics | None = None
     confusion: ConfusionMatrix | None = None
     similarity: SemanticSimilarity | None = None
@@ -58,6 +62,11 @@ class EvaluationResult:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def partial(self) -> bool:
+        """Whether some samples failed: the metrics then score only the others."""
+        return self.failed > 0
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "dataset": self.dataset,
@@ -65,6 +74,7 @@ class EvaluationResult:
             "synonyms": self.synonyms,
             "images": self.images,
             "failed": self.failed,
+            "partial": self.partial,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 4),
             "failures": [{"input": p, "error": e} for p, e in self.failures],
@@ -132,6 +142,7 @@ def evaluate_dataset(
     limit: int | None = None,
     subset: float | None = None,
     predictions_dir: str | Path | None = None,
+    strict: bool = False,
     on_result: Callable[[SampleResult], None] | None = None,
 ) -> EvaluationResult:
     """Run ``segmenter`` over ``dataset`` and score it (see the module docstring).
@@ -139,6 +150,9 @@ def evaluate_dataset(
     ``vocabulary`` / ``per_image_vocabulary`` switch to open-vocabulary scoring;
     ``distractors`` compete with the classes (pixels they win count as misses);
     ``predictions_dir`` saves each prediction as a label PNG named after the sample id.
+    A sample that cannot be read, segmented or saved is a failure: it is left out of the
+    metrics, listed, and the result is marked partial; ``strict`` makes the first failure an
+    :class:`~ovss_cli.errors.InputError` instead.
     """
     if vocabulary is not None and per_image_vocabulary is not None:
         raise UsageError("give either --vocabulary-file or --per-image-vocabulary, not both")
@@ -153,10 +167,20 @@ def evaluate_dataset(
 
     start = time.perf_counter()
     samples = dataset.samples(limit=limit, subset=subset)
+
+    def fail(sample: Sample, err: BaseException) -> None:
+        reason = failure_reason(err)
+        if strict:
+            raise InputError(f"{sample.image_path}: {reason} (--strict stops at the first failed sample)")
+        result.failed += 1
+        result.failures.append((str(sample.image_path), reason))
+        if on_result is not None:
+            on_result(SampleResult(sample, ok=False, error=reason))
+
     for sample, loaded in prefetched(samples, lambda s: _read(s, dataset), depth=2):
         t0 = time.perf_counter()
         if isinstance(loaded, BaseException):
-            _fail(result, sample, loaded, on_result)
+            fail(sample, loaded)
             continue
         image, label = loaded
         if per_image_vocabulary is not None:
@@ -165,26 +189,31 @@ def evaluate_dataset(
             vocab = vocabulary or bench_vocab
         if distractors:
             vocab = vocab.with_distractors(distractors)
+        saved: Path | None = None
         try:
             prediction: Prediction = segmenter.predict(image, vocab)
+            predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
+            if predictions_dir is not None:
+                saved = Path(predictions_dir) / f"{sample.id}.png"
+                write_label_png(saved, predicted, len(vocab))
+            # both accumulators check the whole sample before adding any of it
+            if confusion is not None:
+                confusion.update(predicted, label)
+            else:
+                table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
+                table.update(predicted, label)
+                unlabelled += table.unlabelled
+                for i, name in enumerate(vocab.names):
+                    if name not in word_ids:
+                        word_ids[name] = len(words)
+                        words.append(name)
+                        counts.append(np.zeros(dataset.num_classes, np.int64))
+                    counts[word_ids[name]] += table.counts[i]
         except Exception as err:
-            _fail(result, sample, err, on_result)
+            if saved is not None:
+                saved.unlink(missing_ok=True)
+            fail(sample, err)
             continue
-        predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
-        if confusion is not None:
-            confusion.update(predicted, label)
-        else:
-            table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
-            table.update(predicted, label)
-            unlabelled += table.unlabelled
-            for i, name in enumerate(vocab.names):
-                if name not in word_ids:
-                    word_ids[name] = len(words)
-                    words.append(name)
-                    counts.append(np.zeros(dataset.num_classes, np.int64))
-                counts[word_ids[name]] += table.counts[i]
-        if predictions_dir is not None:
-            write_label_png(Path(predictions_dir) / f"{sample.id}.png", predicted, len(vocab))
         result.images += 1
         if on_result is not None:
             on_result(SampleResult(sample, ok=True, seconds=time.perf_counter() - t0))
@@ -200,15 +229,6 @@ def evaluate_dataset(
         result.words = words
         result.similarity = semantic_similarity(np.stack(counts), sim, unlabelled)
     return result
-
-
-def _fail(result: EvaluationResult, sample: Sample, err: BaseException, on_result) -> None:
-    reason = failure_reason(err)
-    result.failed += 1
-    if len(result.failures) < 100:
-        result.failures.append((str(sample.image_path), reason))
-    if on_result is not None:
-        on_result(SampleResult(sample, ok=False, error=reason))
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, str]:

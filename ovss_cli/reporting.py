@@ -5,10 +5,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .segment import ImageResult, SegmentSummary
+from .segment import SegmentSummary
 
 stderr = Console(stderr=True)
 
@@ -34,12 +35,13 @@ def image_progress(total: int | None, enabled: bool, label: str = "segmenting") 
         task = progress.add_task(label, total=total, rate="-", failed=0)
         failed = 0
 
-        def advance(result: ImageResult | None = None) -> None:
+        def advance(result=None) -> None:
+            """``result``: anything with ``ok``, ``path`` and ``error`` (a segment or evaluate result)."""
             nonlocal failed
             if result is not None and not result.ok:
                 failed += 1
-                progress.console.print(f"[red]failed[/red] {result.input.path}: {result.error}", markup=True,
-                                       highlight=False)
+                progress.console.print(f"[red]failed[/red] {escape(str(result.path))}: {escape(str(result.error))}",
+                                       markup=True, highlight=False)
             progress.advance(task)
             t = progress.tasks[0]
             done = t.completed - failed
@@ -54,7 +56,12 @@ def print_segment_summary(summary: SegmentSummary, console: Console = stderr) ->
     rate = summary.images_ok / summary.seconds if summary.seconds > 0 else 0.0
     head = Table(title="ovss segment", show_header=False)
     head.add_row("images", f"{summary.images_ok} ok, {summary.images_failed} failed")
+    if summary.skipped:
+        head.add_row("skipped", f"files that are not images: {summary.skipped}")
     head.add_row("time", f"{summary.seconds:.1f} s ({rate:.2f} images/s)")
+    merged = summary.vocabulary.merged_distractors
+    if merged:
+        head.add_row("merged", "; ".join(f"{', '.join(names)} -> {cls}" for cls, names in merged.items()))
     for name, path in summary.outputs.items():
         head.add_row(name, path)
     console.print(head)
@@ -85,7 +92,8 @@ def print_evaluation(result, per_class: bool = False, paths: dict | None = None,
     """The evaluation table (and per-class table) on stdout."""
     console = console or Console()
     seg = result.segmenter
-    table = Table(title=f"ovss evaluate: {result.dataset}")
+    partial = f" (partial: {result.failed} failed)" if result.failed else ""
+    table = Table(title=f"ovss evaluate: {result.dataset}{partial}")
     for col in ("dataset", "method", "model", "images"):
         table.add_column(col)
     if result.metrics is not None:
@@ -124,8 +132,11 @@ def print_evaluation(result, per_class: bool = False, paths: dict | None = None,
         for r in word_class_rows(result.similarity.table, result.words, result.class_names):
             wt.add_row(r["word"], str(r["pixels"]), ", ".join(f"{c['class']} ({c['pixels']})" for c in r["classes"]))
         console.print(wt)
+    if result.failed:
+        console.print(f"[bold yellow]partial:[/bold yellow] {result.failed} of {result.images + result.failed} "
+                      "images failed and are not in the metrics (listed in metrics.json)", highlight=False)
     for path, reason in result.failures[:20]:
-        console.print(f"[red]failed[/red] {path}: {reason}", highlight=False)
+        console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False)
     for name, path in (paths or {}).items():
         console.print(f"{name}: {path}", highlight=False)
 

@@ -6,6 +6,8 @@ and an image that fails is recorded with its reason without stopping the others.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,8 +16,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import UsageError, failure_reason
-from .io.images import InputImage, output_stem, read_image
+from .errors import InputError, UsageError, failure_reason
+from .io.images import InputImage, InputWalk, output_stem, read_image
 from .io.prefetch import prefetched
 from .io.outputs import (
     JsonlManifest,
@@ -56,6 +58,10 @@ class ImageResult:
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def path(self) -> Path:
+        return self.input.path
+
 
 @dataclass
 class SegmentSummary:
@@ -69,6 +75,7 @@ class SegmentSummary:
     class_images: Counter = field(default_factory=Counter)
     class_fraction_sum: Counter = field(default_factory=Counter)
     outputs: dict[str, str] = field(default_factory=dict)
+    skipped: str = ""  # files the walk passed over as not images, e.g. "3 .heic, 1 .txt"
 
     @property
     def images(self) -> int:
@@ -143,6 +150,9 @@ class OutputWriter:
                 "other": self.num_classes if other else None,
                 "other_means": "pixels won by a distractor name (or, for sam, masks below --min-score)",
                 "distractors": list(vocabulary.distractors),
+                # distractors naming the same thing as a class compete for it, not against it
+                "distractors_merged": vocabulary.merged_distractors,
+                "distractors_dropped": list(vocabulary.dropped_distractors),
                 "run": run_info,
             },
         )
@@ -159,21 +169,33 @@ class OutputWriter:
         return out
 
     def write(self, item: InputImage, image: np.ndarray, prediction: Prediction, result: ImageResult) -> None:
+        """Write one image's files; if any write fails, the ones already written are removed
+        (an image has all its outputs or none) and the error propagates."""
         stem = output_stem(item.rel)
         labels = output_labels(prediction.labels, self.num_classes)
-        if "png" in self.formats:
-            path = self.out_dir / "labels" / stem.with_suffix(".png")
-            write_label_png(path, labels, self.num_values)
-            result.outputs["png"] = str(path)
-        if "overlay" in self.formats:
-            path = self.out_dir / "overlays" / stem.with_suffix(".png")
-            write_rgb_png(path, render_overlay(image, labels, self.names, self.colors))
-            result.outputs["overlay"] = str(path)
-        if self.coco is not None:
-            image_id = self.coco.add_image(item.rel.as_posix(), *prediction.labels.shape)
-            for seg in class_segments(prediction):
-                self.coco.add_annotation(image_id, seg.class_index, seg.mask, seg.score)
-            result.outputs["coco_image_id"] = str(image_id)
+        segments = class_segments(prediction) if self.coco is not None else []
+        written: list[Path] = []
+        try:
+            if "png" in self.formats:
+                path = self.out_dir / "labels" / stem.with_suffix(".png")
+                write_label_png(path, labels, self.num_values)
+                written.append(path)
+                result.outputs["png"] = str(path)
+            if "overlay" in self.formats:
+                path = self.out_dir / "overlays" / stem.with_suffix(".png")
+                write_rgb_png(path, render_overlay(image, labels, self.names, self.colors))
+                written.append(path)
+                result.outputs["overlay"] = str(path)
+            if self.coco is not None:
+                image_id = self.coco.add_image(item.rel.as_posix(), *prediction.labels.shape,
+                                               [(seg.class_index, seg.mask, seg.score) for seg in segments])
+                result.outputs["coco_image_id"] = str(image_id)
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            result.outputs.clear()
+            raise
 
     def record(self, result: ImageResult) -> None:
         if self.manifest is None:
@@ -193,10 +215,19 @@ class OutputWriter:
         self.manifest.write(rec)
 
     def close(self) -> None:
+        """Publish ``coco.json`` and ``manifest.jsonl``: the run completed."""
         if self.coco is not None:
             self.coco.close()
         if self.manifest is not None:
             self.manifest.close()
+
+    def abandon(self) -> None:
+        """The run did not complete (interrupted, crashed): publish nothing that would look
+        finished; ``manifest.jsonl.part`` keeps the record of every completed image."""
+        if self.coco is not None:
+            self.coco.discard()
+        if self.manifest is not None:
+            self.manifest.abandon()
 
 
 def _batches(items: Iterable[InputImage], size: int) -> Iterator[list[InputImage]]:
@@ -214,6 +245,8 @@ def _load(batch: list[InputImage]) -> list[np.ndarray | BaseException]:
     out: list[np.ndarray | BaseException] = []
     for item in batch:
         try:
+            if item.error is not None:
+                raise InputError(item.error)
             out.append(read_image(item.path))
         except Exception as err:  # reported per image
             out.append(err)
@@ -232,25 +265,37 @@ def segment_images(
 ) -> SegmentSummary:
     """Segment every input and write the requested outputs; returns the run's totals.
 
-    ``on_result`` is called after each image (progress bars hook in here).
+    ``on_result`` is called after each image (progress bars hook in here). Inputs holding no
+    image at all are an :class:`~ovss_cli.errors.InputError` before anything is written (an
+    :class:`~ovss_cli.io.images.InputWalk` says what it skipped). ``coco.json`` and
+    ``manifest.jsonl`` are published only when the run completes.
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    items = iter(inputs)
+    first = next(items, None)
+    if first is None:
+        raise inputs.nothing_found() if isinstance(inputs, InputWalk) else InputError("no input images")
     writer = OutputWriter(Path(out_dir), vocabulary, formats, run_info=segmenter.describe(),
                           other=segmenter.can_label_other(vocabulary))
     summary = SegmentSummary(vocabulary, outputs=writer.paths())
     start = time.perf_counter()
     try:
         # the next batch is decoded while this one is segmented
-        for batch, images in prefetched(_batches(inputs, batch_size), _load):
+        for batch, images in prefetched(_batches(itertools.chain([first], items), batch_size), _load):
             for result in _run_batch(segmenter, writer, vocabulary, batch, images):
                 summary.add(result)
                 writer.record(result)
                 if on_result is not None:
                     on_result(result)
+    except BaseException:
+        writer.abandon()
+        raise
     finally:
-        writer.close()
         summary.seconds = time.perf_counter() - start
+    writer.close()
+    if isinstance(inputs, InputWalk):
+        summary.skipped = inputs.skipped_text()
     return summary
 
 
@@ -281,10 +326,10 @@ def _run_batch(segmenter: Segmenter, writer: OutputWriter, vocabulary: Vocabular
             continue
         result = ImageResult(item, ok=True, warnings=list(pred.warnings))
         try:
-            writer.write(item, images[i], pred, result)  # type: ignore[arg-type]
             result.class_fractions = class_fractions(pred.labels, len(vocabulary))
-        except OSError as err:
-            result = ImageResult(item, ok=False, error=f"cannot write outputs: {err}")
+            writer.write(item, images[i], pred, result)  # type: ignore[arg-type]
+        except Exception as err:  # this image's failure; the run goes on
+            result = ImageResult(item, ok=False, error=f"cannot write outputs: {failure_reason(err)}")
         result.seconds = per_image + time.perf_counter() - t1
         results[i] = result
     return [results[i] for i in range(len(batch))]

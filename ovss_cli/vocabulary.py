@@ -2,10 +2,12 @@
 
 A class scores as the best of its names (``cat: kitty, kitten`` is one class with three
 names). Parsing rejects empty and duplicate entries with a message naming the culprit.
+Distractor names compete with the classes, except those naming the same thing as a class:
+those join it (see :mod:`ovss_cli.distractors`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -17,14 +19,22 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class VocabularyClass:
-    """One output class: its display name and every name it is prompted with."""
+    """One output class: its display name, the user's synonyms, and distractor names merged
+    into it because they name the same thing (prompted like synonyms, never displayed)."""
 
     name: str
     synonyms: tuple[str, ...] = ()
+    merged: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The names the user gave."""
         return (self.name, *self.synonyms)
+
+    @property
+    def prompt_names(self) -> tuple[str, ...]:
+        """Every name the class is prompted with: the user's, then merged distractors."""
+        return (*self.names, *self.merged)
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class Vocabulary:
     unique_names: bool = field(default=True, compare=False)
     # Extra names that compete with the classes; pixels they win are reported as "other".
     distractors: tuple[str, ...] = ()
+    # Distractor names left out because they equal one of the classes' names.
+    dropped_distractors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -67,14 +79,19 @@ class Vocabulary:
     def prompt_names(self) -> list[str]:
         """Every name of every class in class order, then the distractors (what the text
         encoder sees)."""
-        return [n for c in self.classes for n in c.names] + list(self.distractors)
+        return [n for c in self.classes for n in c.prompt_names] + list(self.distractors)
 
     @property
     def name_to_class(self) -> list[int]:
         """For each entry of :attr:`prompt_names`, the index of the class it belongs to;
         distractor ``j`` counts as its own class ``len(self) + j``."""
-        own = [i for i, c in enumerate(self.classes) for _ in c.names]
+        own = [i for i, c in enumerate(self.classes) for _ in c.prompt_names]
         return own + [len(self.classes) + j for j in range(len(self.distractors))]
+
+    @property
+    def merged_distractors(self) -> dict[str, list[str]]:
+        """Class name -> the distractor names merged into it (classes with none left out)."""
+        return {c.name: list(c.merged) for c in self.classes if c.merged}
 
     @property
     def num_competitors(self) -> int:
@@ -101,16 +118,35 @@ class Vocabulary:
         return out
 
     def with_distractors(self, names: Iterable[str]) -> "Vocabulary":
-        """This vocabulary plus distractor names, skipping any equal (ignoring case and
-        surrounding spaces) to one of the classes' names, and repeats."""
-        taken = {n.strip().lower() for c in self.classes for n in c.names}
+        """This vocabulary's classes with ``names`` as its distractors (replacing any it had).
+
+        A name equal (ignoring case and surrounding spaces) to one of the classes' names is
+        dropped; one that names the same thing as a class (contains its name as words, or is a
+        known synonym: :func:`ovss_cli.distractors.same_thing_as`) joins that class, so its wins
+        count for the class; repeats are skipped; the rest compete, and what they win is "other".
+        """
+        from .distractors import same_thing_as
+
+        class_names = [c.names for c in self.classes]
+        own = {n.strip().lower() for names_ in class_names for n in names_}
+        seen: set[str] = set()
+        merged: dict[int, list[str]] = {}
         kept: list[str] = []
+        dropped: list[str] = []
         for name in names:
             key = name.strip().lower()
-            if key and key not in taken:
-                taken.add(key)
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            owner = None if key in own else same_thing_as(name, class_names)
+            if key in own:
+                dropped.append(name)
+            elif owner is None:
                 kept.append(name)
-        return Vocabulary(self.classes, self.unique_names, tuple(kept))
+            else:
+                merged.setdefault(owner, []).append(name)
+        classes = tuple(replace(c, merged=tuple(merged.get(i, ()))) for i, c in enumerate(self.classes))
+        return Vocabulary(classes, self.unique_names, tuple(kept), tuple(dropped))
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> "Vocabulary":

@@ -158,3 +158,45 @@ def test_tta_is_the_mean_of_the_augmented_predictions(seeded_san):
 def test_tta_is_a_san_option_only():
     with pytest.raises(UsageError, match="option --tta does not apply to --method sam"):
         load_segmenter("sam", tta=True)
+
+
+def test_distractors_naming_a_users_class_join_it():
+    vocab = parse_class_list("cat,sofa,windows,wall,dog,bear,hair").with_distractors(distractor_names("coco-all"))
+    assert vocab.merged_distractors == {
+        "sofa": ["couch"],  # a known synonym
+        "windows": ["window-blind", "window-other"],  # the class as a word (plural folded)
+        "wall": ["wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood"],
+    }
+    assert vocab.dropped_distractors == ("cat", "dog", "bear")  # equal names
+    # compounds that only contain the word compete as before
+    assert {"hot dog", "teddy bear", "hair drier", "person"} <= set(vocab.distractors)
+    assert len(vocab.distractors) == 171 - 1 - 2 - 7 - 3
+    # merged names are prompted after the class's own, and count for it
+    assert vocab.classes[1].prompt_names == ("sofa", "couch") and vocab.classes[1].names == ("sofa",)
+    assert vocab.name_to_class[:3] == [0, 1, 1]
+
+
+def test_a_merged_distractors_wins_count_for_its_class(image_with_other):
+    folder, segmenter, _, _, _ = image_with_other
+    image = read_image(folder / "in" / "scene.png")
+    vocab = parse_class_list("cat,window,wall").with_distractors(["window-other", "wall-brick", "lamp"])
+    assert vocab.merged_distractors == {"window": ["window-other"], "wall": ["wall-brick"]}
+    assert vocab.distractors == ("lamp",)
+    flat = Vocabulary.from_names(["cat", "window", "wall", "window-other", "wall-brick", "lamp"])
+    plain = segmenter.predict(image, flat).labels
+    assert (plain == 3).any() and (plain == 4).any()  # here the two distractors do win pixels
+    expected = np.select([plain == 3, plain == 4, plain == 5], [1, 2, OTHER], plain)
+    assert np.array_equal(segmenter.predict(image, vocab).labels, expected)
+
+
+def test_classes_json_lists_merged_and_dropped_distractors(image_with_other, tmp_path):
+    folder, _, _, _, cli = image_with_other
+    names = tmp_path / "d.txt"
+    names.write_text("window-other\nwall-brick\nlamp\ncat\n")
+    result = CliRunner().invoke(app, ["segment", str(folder / "in"), "--classes", "cat,window,wall", *cli,
+                                      "--distractors", str(names), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    legend = json.loads((tmp_path / "o" / "classes.json").read_text())
+    assert legend["distractors"] == ["lamp"] and legend["distractors_dropped"] == ["cat"]
+    assert legend["distractors_merged"] == {"window": ["window-other"], "wall": ["wall-brick"]}
+    assert "window-other -> window" in " ".join(result.output.split())  # the summary says so

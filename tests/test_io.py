@@ -187,8 +187,9 @@ def test_iter_inputs_missing_path_is_an_input_error(tmp_path: Path) -> None:
         next(iter_inputs([str(tmp_path / "a.jpg"), str(tmp_path / "nope.jpg")]))
     stream = iter_inputs(["-"], stdin=io.StringIO(f"{tmp_path / 'a.jpg'}\n{tmp_path / 'gone.png'}\n"))
     assert next(stream).rel == Path("a.jpg")  # stdin paths are checked as they arrive
-    with pytest.raises(InputError, match="gone.png"):
-        next(stream)
+    gone = next(stream)  # a vanished stdin path is that input's failure, not the run's
+    assert gone.rel == Path("gone.png") and gone.error == f"input not found: {tmp_path / 'gone.png'}"
+    assert next(stream, None) is None
 
 
 def test_iter_inputs_deduplicates_relative_paths(tmp_path: Path) -> None:
@@ -335,22 +336,20 @@ def test_running_coco_writer(tmp_path: Path) -> None:
     second[0, 0] = second[6, 4] = True  # 2 px, bbox spans the image
     path = tmp_path / "coco/results.json"
     with RunningCocoWriter(path, ["cat", "dog"], [["cat"], ["dog", "puppy"]]) as writer:
-        a = writer.add_image("a.jpg", 10, 12)
-        b = writer.add_image("sub/b.png", 7, 5)
-        assert (a, b) == (1, 2)
-        assert writer.add_annotation(a, 1, first, 0.9) == 1
-        assert writer.add_annotation(b, 0, second, np.float32(0.25)) == 2
-        assert writer.add_annotation(a, 0, ~first, 0.5) == 3
+        a = writer.add_image("a.jpg", 10, 12, [(1, first, 0.9)])
         with pytest.raises(ValueError):
-            writer.add_annotation(a, 0, second, 0.5)  # wrong size
+            writer.add_image("bad.jpg", 10, 12, [(0, first, 0.5), (0, second, 0.5)])  # wrong size: no trace
+        b = writer.add_image("sub/b.png", 7, 5, [(0, second, np.float32(0.25))])
+        assert (a, b) == (1, 2)
+        assert writer.add_image("c.jpg", 10, 12, [(0, ~first, 0.5)]) == 3
     writer.close()  # closing twice is harmless
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # spools are gone
 
     coco = COCO(str(path))
-    assert sorted(coco.getImgIds()) == [1, 2]
+    assert sorted(coco.getImgIds()) == [1, 2, 3]
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["cat", "dog"]
     anns = coco.loadAnns([1, 2, 3])
-    assert [ann["category_id"] for ann in anns] == [2, 1, 1]
+    assert [ann["category_id"] for ann in anns] == [2, 1, 1] and [ann["image_id"] for ann in anns] == [1, 2, 3]
     assert anns[0]["area"] == 18 and anns[0]["bbox"] == [3, 2, 6, 3]
     assert anns[1]["area"] == 2 and anns[1]["bbox"] == [0, 0, 5, 7]
     assert anns[2]["area"] == 120 - 18
@@ -361,6 +360,15 @@ def test_running_coco_writer(tmp_path: Path) -> None:
     results = coco.loadRes(json.loads(path.read_text())["annotations"])
     assert len(results.getAnnIds()) == 3
     assert np.array_equal(results.annToMask(results.loadAnns(3)[0]).astype(bool), ~first)
+
+
+def test_running_coco_writer_publishes_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    path = tmp_path / "coco.json"
+    with pytest.raises(KeyboardInterrupt):
+        with RunningCocoWriter(path, ["cat"]) as writer:
+            writer.add_image("a.jpg", 4, 4, [(0, np.ones((4, 4), bool), 0.5)])
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Iterator, Sequence, TextIO
@@ -36,10 +37,15 @@ _MAX_REASON = 120
 
 @dataclass(frozen=True)
 class InputImage:
-    """One image to process: where it is, and the relative path its outputs mirror."""
+    """One image to process: where it is, and the relative path its outputs mirror.
+
+    ``error`` is set when the walk already knows the input cannot be read (a path from stdin
+    that does not exist, a folder that cannot be listed): it is then that input's failure,
+    reported like an unreadable image, and the run goes on."""
 
     path: Path
     rel: Path
+    error: str | None = None
 
 
 def is_image_path(path: str | os.PathLike[str]) -> bool:
@@ -50,13 +56,16 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
 # --------------------------------------------------------------------------- discovery
 
 
-def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None) -> Iterator[InputImage]:
+def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None,
+                skipped: Counter | None = None) -> Iterator[InputImage]:
     """Yield the images named by CLI arguments, lazily and in a deterministic order.
 
     Each argument is a file, a directory (walked recursively in sorted order, image
     extensions only, hidden entries skipped) or ``-`` for newline-separated paths read from
     ``stdin``. Explicit arguments are checked up front so a typo fails before any work;
-    paths read from stdin are checked as they arrive.
+    paths read from stdin that do not exist, and folders that cannot be listed, are yielded
+    with their ``error`` set. Files a walk passes over because their extension is not an
+    image's are counted in ``skipped`` (by extension).
 
     Outputs are named after ``rel`` without its extension, so two inputs whose ``rel``
     differ only in extension or letter case (``a.jpg``, ``A.png``) would clash: later ones
@@ -68,10 +77,36 @@ def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None) -> Iterator[I
         if arg != "-" and not os.path.exists(arg):
             raise InputError(f"input not found: {arg}")
     run_wide: set[str] | None = set() if len(paths) != 1 or paths[0] == "-" else None
+    skipped = skipped if skipped is not None else Counter()
     for arg in paths:
         sources = _iter_stdin_paths(stdin if stdin is not None else sys.stdin) if arg == "-" else [arg]
         for source in sources:
-            yield from _expand(source, run_wide)
+            yield from _expand(source, run_wide, skipped)
+
+
+class InputWalk:
+    """The inputs of one run (see :func:`iter_inputs`), re-iterable, remembering what the walk
+    skipped so a run that finds nothing can say what it found instead."""
+
+    def __init__(self, paths: Sequence[str], stdin: TextIO | None = None):
+        self.paths = list(paths)
+        self.stdin = stdin
+        self.skipped: Counter = Counter()
+
+    def __iter__(self) -> Iterator[InputImage]:
+        self.skipped.clear()
+        return iter_inputs(self.paths, self.stdin, self.skipped)
+
+    def skipped_text(self) -> str:
+        """``"3 .heic, 1 .gif"``: the files passed over, by extension (most frequent first)."""
+        return ", ".join(f"{n} {ext}" for ext, n in self.skipped.most_common())
+
+    def nothing_found(self) -> InputError:
+        """The error for a run whose inputs hold no image file."""
+        where = ", ".join("stdin" if p == "-" else p for p in self.paths)
+        found = f"; skipped {sum(self.skipped.values())} other files ({self.skipped_text()})" if self.skipped else ""
+        supported = ", ".join(sorted(IMAGE_EXTENSIONS))
+        return InputError(f"no image found in {where}{found}; supported: {supported}")
 
 
 def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
@@ -82,16 +117,14 @@ def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
             yield line
 
 
-def _expand(source: str, used: set[str] | None) -> Iterator[InputImage]:
+def _expand(source: str, used: set[str] | None, skipped: Counter) -> Iterator[InputImage]:
     """One argument -> its images (itself if it is a file, its tree if a directory)."""
     path = Path(source)
     if path.is_dir():
-        yield from _walk(path, path, set(), used)
-    elif path.exists():
-        rel = _rel_for_file(path)
-        yield InputImage(path, _unique_rel(rel, used if used is not None else set()))
-    else:
-        raise InputError(f"input not found: {source}")
+        yield from _walk(path, path, set(), used, skipped)
+        return
+    rel = _unique_rel(_rel_for_file(path), used if used is not None else set())
+    yield InputImage(path, rel, None if path.exists() else f"input not found: {source}")
 
 
 def _rel_for_file(path: Path) -> Path:
@@ -101,12 +134,14 @@ def _rel_for_file(path: Path) -> Path:
     return path
 
 
-def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None) -> Iterator[InputImage]:
+def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None,
+          skipped: Counter) -> Iterator[InputImage]:
     """Depth-first walk of ``directory`` in name order, one directory listing at a time.
 
     ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
     are not followed forever; ``used`` is the run-wide set of output names, or None to
-    deduplicate within this folder only.
+    deduplicate within this folder only. A folder that cannot be listed is yielded as a
+    failed input; the walk goes on with its siblings.
     """
     try:
         stat = directory.stat()
@@ -117,7 +152,9 @@ def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str
         with os.scandir(directory) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as error:
-        raise InputError(f"cannot list directory {directory}: {error.strerror or error}") from None
+        rel = directory.relative_to(root) if directory != root else Path(directory.name)
+        yield InputImage(directory, rel, f"cannot list directory {directory}: {error.strerror or error}")
+        return
     local = used if used is not None else set()
     for entry in entries:
         if entry.name.startswith("."):
@@ -128,8 +165,10 @@ def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str
         except OSError:
             continue
         if is_dir:
-            yield from _walk(root, path, seen, used)
-        elif is_image_path(entry.name) and path.exists():
+            yield from _walk(root, path, seen, used, skipped)
+        elif not is_image_path(entry.name):
+            skipped[PurePath(entry.name).suffix.lower() or "(no extension)"] += 1
+        elif path.exists():
             yield InputImage(path, _unique_rel(path.relative_to(root), local))
     seen.discard(key)
 

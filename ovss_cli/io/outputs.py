@@ -12,7 +12,6 @@ import datetime as _dt
 import json
 import os
 import tempfile
-from array import array
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Sequence
@@ -247,8 +246,8 @@ class RunningCocoWriter:
     Images and annotations are spooled as JSON lines to anonymous temp files beside the
     output; :meth:`close` streams them into the final JSON (atomically) and drops the
     spools. The file loads with ``pycocotools.coco.COCO`` and its ``annotations`` list
-    works with ``COCO.loadRes``. Leaving a ``with`` block, even by an exception, writes
-    what was collected so far.
+    works with ``COCO.loadRes``. A ``with`` block left by an exception discards the spools
+    (:meth:`discard`): a file that looks complete is written only for a completed run.
     """
 
     def __init__(
@@ -271,7 +270,7 @@ class RunningCocoWriter:
             self._categories.append(category)
         self._images = self._spool("images")
         self._annotations = self._spool("annotations")
-        self._sizes = array("q")  # height, width of image k at 2k, 2k + 1
+        self._next_image_id = 1
         self._next_annotation_id = 1
         self._closed = False
 
@@ -282,32 +281,37 @@ class RunningCocoWriter:
             prefix=f".{self.path.name}.", suffix=f".{kind}.jsonl",
         )
 
-    def add_image(self, file_name: str, height: int, width: int) -> int:
-        """Register an image; returns its COCO id (1, 2, ...)."""
+    def add_image(self, file_name: str, height: int, width: int,
+                  regions: Sequence[tuple[int, np.ndarray, float]] = ()) -> int:
+        """Add an image and its regions (class index, H x W mask, score) as RLE-encoded
+        results; returns the image's COCO id (1, 2, ...), annotations are numbered on from 1.
+        Every region is checked and encoded before anything is written, so an invalid one
+        leaves no trace of the image."""
         self._check_open()
-        image_id = len(self._sizes) // 2 + 1
+        image_id = self._next_image_id
+        records = [self._annotation(image_id, (int(height), int(width)), *region) for region in regions]
         record = {"id": image_id, "file_name": str(file_name), "height": int(height), "width": int(width)}
         self._images.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._sizes.extend((int(height), int(width)))
+        for annotation in records:
+            annotation["id"] = self._next_annotation_id
+            self._next_annotation_id += 1
+            self._annotations.write(json.dumps(annotation) + "\n")
+        self._next_image_id += 1
         return image_id
 
-    def add_annotation(self, image_id: int, class_index: int, mask: np.ndarray, score: float) -> int:
-        """Add one region as an RLE-encoded result; returns its annotation id (1, 2, ...)."""
-        self._check_open()
-        if not 1 <= image_id <= len(self._sizes) // 2:
-            raise ValueError(f"unknown image id {image_id}; call add_image first")
+    def _annotation(self, image_id: int, size: tuple[int, int], class_index: int, mask: np.ndarray,
+                    score: float) -> dict[str, Any]:
         if not 0 <= class_index < len(self._categories):
             raise ValueError(f"class index {class_index} out of range 0..{len(self._categories) - 1}")
         mask = np.asarray(mask)
-        expected = (self._sizes[2 * image_id - 2], self._sizes[2 * image_id - 1])
-        if mask.shape != expected:
-            raise ValueError(f"mask shape {mask.shape} does not match image {image_id} size {expected}")
+        if mask.shape != size:
+            raise ValueError(f"mask shape {mask.shape} does not match image {image_id} size {size}")
         score = float(score)
         if not np.isfinite(score):
             raise ValueError(f"score must be finite, got {score}")
         rle = mask_utils.encode(np.asfortranarray((mask != 0).astype(np.uint8)))
-        annotation = {
-            "id": self._next_annotation_id,
+        return {
+            "id": 0,
             "image_id": int(image_id),
             "category_id": int(class_index) + 1,
             "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
@@ -316,9 +320,6 @@ class RunningCocoWriter:
             "score": score,
             "iscrowd": 0,
         }
-        self._annotations.write(json.dumps(annotation) + "\n")
-        self._next_annotation_id += 1
-        return annotation["id"]
 
     def close(self) -> None:
         """Write the final JSON atomically and delete the spools; a second call does nothing."""
@@ -341,6 +342,14 @@ class RunningCocoWriter:
             self._images.close()
             self._annotations.close()
 
+    def discard(self) -> None:
+        """Drop what was collected without writing the JSON; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._images.close()
+        self._annotations.close()
+
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"COCO writer for {self.path} is already closed")
@@ -354,7 +363,10 @@ class RunningCocoWriter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def _copy_json_lines(spool: IO[str], out: IO[str]) -> None:
