@@ -174,6 +174,9 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+# What requests / httpx / http.client raise when a body ends early.
+_DROPPED = {"IncompleteRead", "RemoteProtocolError", "ChunkedEncodingError", "ProtocolError", "ReadError"}
+
 _HTTP_HINTS = {
     401: "unauthorized; set HF_TOKEN (or run `hf auth login`) if the repository needs a login",
     403: "forbidden; the repository may be gated: accept its terms on the Hub and set HF_TOKEN",
@@ -191,6 +194,8 @@ def _reason(error: BaseException, endpoint: str) -> str:
             return f"HTTP {status} from {endpoint}" + (f": {hint}" if hint else "")
     root = _chain(error)[-1]
     name = type(root).__name__
+    if name in _DROPPED:
+        return f"the connection to {endpoint} dropped during the transfer; run again to resume"
     if "Timeout" in name or isinstance(root, TimeoutError):
         return f"timed out talking to {endpoint}"
     if "Connect" in name or "Proxy" in name or isinstance(root, ConnectionError):

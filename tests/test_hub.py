@@ -139,14 +139,20 @@ def test_size_mismatch_removes_the_download(hub_host, caches):
 
 
 def test_dropped_connection_resumes_with_a_range_request(hub_host, caches):
-    """huggingface_hub writes in 10 MiB chunks and, when the connection drops, asks for the
-    rest with a Range request; the fake Hub answers it with 206."""
+    """A transfer cut short is resumed with a Range request (the fake Hub answers 206), not
+    restarted. huggingface_hub >= 2 resumes within the call (it writes in 10 MiB chunks);
+    older releases keep the partial blob and resume on the next run."""
     big = random.Random(0).randbytes(11 << 20)
     hub_host.add_hub_file(REPO, "big.pth", big, commit=NEW)
     cut = 21 << 19  # 10.5 MiB, then the connection closes
     hub_host.cut_first_get[f"/{REPO}/resolve/main/big.pth"] = cut
     entry = hub_entry(filename="big.pth", size=len(big), sha256=hashlib.sha256(big).hexdigest())
-    assert fetch(entry, progress=False).read_bytes() == big
+    try:
+        path = fetch(entry, progress=False)
+    except WeightsError as error:
+        assert "run again to resume" in str(error)
+        path = fetch(entry, progress=False)
+    assert path.read_bytes() == big
     ranges = [r.range for r in hub_host.requests_to("/org/") if r.method == "GET"]
     assert len(ranges) == 2 and ranges[0] is None
     start = int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1))
