@@ -148,22 +148,6 @@ def source_info(entry: ZooEntry) -> dict[str, str]:
     return {"type": "url", "url": entry.source.url()}
 
 
-def zoo_rows() -> list[dict[str, Any]]:
-    """One row per zoo entry for an ``ovss models`` table."""
-    rows = []
-    for entry in ZOO.values():
-        found = find_cached(entry)
-        rows.append({
-            "name": entry.name,
-            "kind": entry.kind,
-            "size": human_size(entry.size),
-            "cached": found is not None,
-            "path": str(found) if found else None,
-            "url": source_url(entry),
-        })
-    return rows
-
-
 def zoo_json() -> list[dict[str, Any]]:
     """One record per zoo entry for scripts (``ovss models --json``); ``path`` is the
     cached file, or None when it still has to be downloaded."""
@@ -182,6 +166,15 @@ def zoo_json() -> list[dict[str, Any]]:
             "url": source_url(entry),
         })
     return records
+
+
+def zoo_rows() -> list[dict[str, Any]]:
+    """One row per zoo entry for an ``ovss models`` table (sizes for people)."""
+    return [
+        {"name": r["name"], "kind": r["kind"], "size": human_size(r["size"]), "cached": r["path"] is not None,
+         "path": r["path"], "url": r["url"]}
+        for r in zoo_json()
+    ]
 
 
 def cache_description() -> str:
