@@ -19,7 +19,7 @@ import typer
 from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Open-vocabulary semantic segmentation: label every pixel with classes named in free text.",
@@ -53,9 +53,21 @@ def _run(fn: Callable[[], int]) -> None:
         raise typer.Exit(code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .about import version_report
+
+        typer.echo(version_report())
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version,
+        help="Print the versions of ovss, Python, torch (and CUDA), open_clip, segment_anything, ... and exit.",
+    ),
 ) -> None:
     _state["debug"] = debug or _debug_from_env()
 
@@ -269,15 +281,71 @@ def datasets(
     _run(body)
 
 
-@app.command()
-def models() -> None:
+models_app = typer.Typer(
+    invoke_without_command=True,
+    help="List the model zoo and what is cached; `ovss models download` fetches checkpoints ahead of time.",
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the zoo as JSON (name, kind, size, cached path or null, source)."),
+) -> None:
     """List the model zoo and which checkpoints are already cached."""
+    if ctx.invoked_subcommand is not None:
+        return
 
     def body() -> int:
-        from .reporting import print_zoo
-        from .weights import cache_dir, zoo_rows
+        from .weights import cache_description, zoo_json, zoo_rows
 
-        print_zoo(zoo_rows(), cache_dir())
+        if as_json:
+            print(json.dumps(zoo_json(), indent=2))
+        else:
+            from .reporting import print_zoo
+
+            print_zoo(zoo_rows(), cache_description())
+        return 0
+
+    _run(body)
+
+
+def _complete_model_name(incomplete: str) -> list[str]:
+    from .zoo import ZOO
+
+    return [name for name in ZOO if name.startswith(incomplete)]
+
+
+@models_app.command("download")
+def models_download(
+    names: Optional[List[str]] = typer.Argument(None, autocompletion=_complete_model_name, help="Zoo models to fetch (see `ovss models`); an Alpha-CLIP model brings its CLIP."),
+    all_models: bool = typer.Option(False, "--all", help="Every model in the zoo (of --method's kinds, if given)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="san | sam: alone, the checkpoints that method uses by default."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Do not re-hash checkpoints that are already cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one line per model."),
+) -> None:
+    """Download and verify checkpoints now (e.g. on a login node), for runs with OVSS_OFFLINE=1 later."""
+
+    def body() -> int:
+        from .errors import WeightsError
+        from .weights import prefetch
+        from .zoo import select_entries
+
+        chosen = select_entries(names or [], all_entries=all_models, method=method)
+        failed: list[str] = []
+        for entry in chosen:
+            try:
+                done = prefetch(entry, progress=not quiet, verify=not no_verify)
+            except WeightsError as error:
+                failed.append(entry.name)
+                typer.echo(f"failed: {entry.name}: {error}", err=True)
+                continue
+            pinned = entry.sha256 is not None and done.path.name == entry.filename
+            check = "sha256 ok" if done.verified else "not re-hashed" if pinned else "no checksum pinned"
+            typer.echo(f"{entry.name}: {done.action} ({check}) {done.path}")
+        if failed:
+            raise WeightsError(f"{len(failed)} of {len(chosen)} checkpoints could not be fetched: {', '.join(failed)}")
         return 0
 
     _run(body)

@@ -1,12 +1,17 @@
-"""Checkpoint cache, resumable downloads and safe checkpoint loading.
+"""Checkpoint cache, downloads and safe checkpoint loading.
 
-* :func:`cache_dir` / :func:`cached_path` / :func:`is_cached`: where zoo files live
-  (``$OVSS_HOME``, else ``$XDG_CACHE_HOME/ovss``, else ``~/.cache/ovss``; files under
-  ``weights/<entry name>/<file name>``).
-* :func:`download`: plain :mod:`urllib`, streams into ``<dest>.part``, resumes with an
-  HTTP ``Range`` request, checks size and sha256, renames atomically.
-* :func:`resolve_weights`: a ``--weights FILE`` wins, else the zoo entry (downloaded
-  into the cache on first use).
+* :func:`cache_dir` / :func:`cached_path`: ovss's own cache (``$OVSS_HOME``, else
+  ``$XDG_CACHE_HOME/ovss``, else ``~/.cache/ovss``; files under
+  ``weights/<entry name>/<file name>``), where files ovss downloads from plain URLs go
+  and where a file fetched by hand is looked for.
+* :func:`find_cached`: a zoo file already on disk, in ovss's cache or (for files hosted
+  on the Hugging Face Hub) in the Hugging Face cache (:mod:`ovss_cli.hub`).
+* :func:`fetch`: the cached copy, else a download: Hub files through ``huggingface_hub``,
+  others with :func:`download` (plain :mod:`urllib`, streams into ``<dest>.part``, resumes
+  with an HTTP ``Range`` request, renames atomically). Either way the size and sha256 are
+  checked where the zoo pins them. With ``OVSS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` a missing
+  file is an error naming the command that fetches it, and nothing touches the network.
+* :func:`resolve_weights`: a ``--weights FILE`` wins, else the zoo entry (fetched).
 * :func:`load_state_file`: reads ``.pth``/``.pt``/``.bin`` with torch's weights-only
   unpickler, ``.safetensors`` with safetensors, TorchScript archives with
   ``torch.jit.load``; never unpickles arbitrary Python objects.
@@ -27,14 +32,19 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from . import hub
 from .errors import WeightsError
-from .zoo import ZOO, ZooEntry, get_entry
+from .zoo import ZOO, HubFile, ZooEntry, get_entry
 
 CHUNK = 1 << 20  # bytes read per step while downloading or hashing
 _TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".tar"}
+OFFLINE_VARIABLES = ("OVSS_OFFLINE", "HF_HUB_OFFLINE")
+# The option that replaces each kind of zoo file with a local one.
+_LOCAL_OPTION = {"san": "--weights", "alpha-clip": "--weights", "sam": "--sam-weights", "clip": "--clip-weights"}
 
 
 # ----------------------------------------------------------------------------- cache
@@ -59,12 +69,13 @@ def text_cache_dir() -> Path | None:
 
 
 def weights_dir() -> Path:
-    """Folder holding downloaded checkpoints: ``cache_dir()/"weights"``."""
+    """Folder holding checkpoints in ovss's own cache: ``cache_dir()/"weights"``."""
     return cache_dir() / "weights"
 
 
 def cached_path(entry: ZooEntry) -> Path:
-    """Where ``entry`` lives once downloaded.
+    """Where ``entry`` lives in ovss's own cache: where :func:`download` puts it, and
+    where a file fetched by hand is found (for any entry, Hub-hosted ones included).
 
     Each entry gets its own folder because different entries may publish files with
     the same name (the CLIP entries are all ``open_clip_model.safetensors``).
@@ -72,15 +83,49 @@ def cached_path(entry: ZooEntry) -> Path:
     return weights_dir() / entry.name / entry.filename
 
 
-def is_cached(entry: ZooEntry) -> bool:
-    """True if the file exists and, when the zoo knows its size, has that size."""
-    path = cached_path(entry)
+def _size_ok(path: Path, size: int | None) -> bool:
     try:
-        if not path.is_file():
-            return False
-        return entry.size is None or path.stat().st_size == entry.size
+        return path.is_file() and (size is None or path.stat().st_size == size)
     except OSError:
         return False
+
+
+def find_cached(entry: ZooEntry) -> Path | None:
+    """The file of ``entry`` already on disk, or None; reads no content, makes no request.
+
+    ovss's own cache first (right size, when the zoo knows it), then, for a Hub file, the
+    Hugging Face cache (see :func:`ovss_cli.hub.find_in_cache`).
+    """
+    own = cached_path(entry)
+    if _size_ok(own, entry.size):
+        return own
+    if isinstance(entry.source, HubFile):
+        return hub.find_in_cache(entry.source, sha256=entry.sha256, size=entry.size)
+    return None
+
+
+def is_cached(entry: ZooEntry) -> bool:
+    """True if :func:`find_cached` finds the file."""
+    return find_cached(entry) is not None
+
+
+def source_url(entry: ZooEntry) -> str:
+    """Where ``entry`` is downloaded from now (a Hub file at ``$HF_ENDPOINT``, if set)."""
+    if isinstance(entry.source, HubFile):
+        return entry.source.url(hub.hf_endpoint())
+    return entry.source.url()
+
+
+def offline_mode() -> str | None:
+    """``"OVSS_OFFLINE=1"`` (or the ``HF_HUB_OFFLINE`` setting) when downloads are off, else None.
+
+    Read at call time, with huggingface_hub's notion of true (1, on, yes, true).
+    """
+    for var in OFFLINE_VARIABLES:
+        value = os.environ.get(var, "")
+        if value.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{var}={value.strip()}"
+    return None
 
 
 def human_size(n: int | None) -> str:
@@ -95,19 +140,75 @@ def human_size(n: int | None) -> str:
     return f"{value:.1f} GiB"  # pragma: no cover - loop always returns
 
 
-def zoo_rows() -> list[dict[str, Any]]:
-    """One row per zoo entry for an ``ovss models`` table."""
-    return [
-        {
+def source_info(entry: ZooEntry) -> dict[str, str]:
+    """Where ``entry`` lives, as data: a Hub repository file or a URL."""
+    if isinstance(entry.source, HubFile):
+        return {"type": "huggingface", "repo_id": entry.source.repo_id, "filename": entry.source.filename,
+                "revision": entry.source.revision}
+    return {"type": "url", "url": entry.source.url()}
+
+
+def zoo_json() -> list[dict[str, Any]]:
+    """One record per zoo entry for scripts (``ovss models --json``); ``path`` is the
+    cached file, or None when it still has to be downloaded."""
+    records = []
+    for entry in ZOO.values():
+        found = find_cached(entry)
+        records.append({
             "name": entry.name,
             "kind": entry.kind,
-            "size": human_size(entry.size),
-            "cached": is_cached(entry),
-            "path": str(cached_path(entry)),
-            "url": entry.url,
-        }
-        for entry in ZOO.values()
+            "arch": entry.arch,
+            "description": entry.description,
+            "size": entry.size,
+            "sha256": entry.sha256,
+            "path": str(found) if found else None,
+            "source": source_info(entry),
+            "url": source_url(entry),
+        })
+    return records
+
+
+def zoo_rows() -> list[dict[str, Any]]:
+    """One row per zoo entry for an ``ovss models`` table (sizes for people)."""
+    return [
+        {"name": r["name"], "kind": r["kind"], "size": human_size(r["size"]), "cached": r["path"] is not None,
+         "path": r["path"], "url": r["url"]}
+        for r in zoo_json()
     ]
+
+
+def cache_description() -> str:
+    """Both caches in one line, for the ``ovss models`` title."""
+    return f"{cache_dir()}; Hugging Face files: {hub.hf_cache_dir()}"
+
+
+# -------------------------------------------------------------------------- messages
+
+
+def _how_to_get(entry: ZooEntry, dest: Path) -> str:
+    """The one hint every missing-file error ends with, offline or after a failed download."""
+    option = _LOCAL_OPTION.get(entry.kind, "--weights")
+    return (
+        f"run `ovss models download {entry.name}` on a machine with internet access (it fills the same cache), "
+        f"or download {source_url(entry)} yourself and put it at {dest}, or pass {option} FILE"
+    )
+
+
+def _cannot_download(entry: ZooEntry, dest: Path, reason: str) -> WeightsError:
+    return WeightsError(f"cannot download {entry.name} ({reason}); {_how_to_get(entry, dest)}")
+
+
+def _offline_error(entry: ZooEntry, setting: str) -> WeightsError:
+    return WeightsError(
+        f"{entry.name} is not in the cache and downloads are off ({setting}); {_how_to_get(entry, cached_path(entry))}"
+    )
+
+
+def _checksum_error(entry: ZooEntry, what: str, dest: Path) -> WeightsError:
+    return WeightsError(
+        f"checksum did not match for {entry.name} downloaded from {source_url(entry)}: {what}; "
+        f"the download was deleted; run again or download it yourself and put it at {dest}"
+    )
 
 
 # -------------------------------------------------------------------------- download
@@ -155,13 +256,6 @@ def _reason(error: BaseException, timeout: float) -> str:
     if isinstance(error, OSError) and error.strerror:
         return _one_line(error.strerror)
     return _one_line(error) or type(error).__name__
-
-
-def _cannot_download(entry: ZooEntry, dest: Path, reason: str) -> WeightsError:
-    return WeightsError(
-        f"cannot download {entry.name} from {entry.url} ({reason}); "
-        f"download it yourself and put it at {dest}, or pass --weights FILE"
-    )
 
 
 def _hash_existing(part: Path) -> tuple["hashlib._Hash", int]:
@@ -265,13 +359,13 @@ class _Progress:
 def _transfer(
     entry: ZooEntry, part: Path, digest: "hashlib._Hash", offset: int, timeout: float, bar: _Progress
 ) -> int:
-    """Append the body of ``entry.url`` from ``offset`` to ``part``; return the total size.
+    """Append the body of the entry's URL from ``offset`` to ``part``; return the total size.
 
     Raises :class:`_RangeIgnored` if the server will not resume at ``offset`` (the caller
     restarts from zero) and :class:`_NetworkError` for any transfer failure.
     """
     try:
-        response = _open(entry.url, offset, timeout)
+        response = _open(source_url(entry), offset, timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # the part is longer than the file, or useless
             raise _RangeIgnored from None
@@ -344,8 +438,12 @@ def download(
     request (if the server answers 200 instead of 206 the download restarts from zero).
     The size and sha256 (when the zoo knows them) are checked before the part is renamed
     onto ``dest``. A checksum or size mismatch deletes the part; a network failure keeps
-    it so the next call resumes. Failures raise :class:`WeightsError`.
+    it so the next call resumes. In offline mode nothing is requested. Failures raise
+    :class:`WeightsError`.
     """
+    setting = offline_mode()
+    if setting:
+        raise _offline_error(entry, setting)
     dest = Path(dest) if dest is not None else cached_path(entry)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -383,24 +481,110 @@ def download(
 
     if entry.size is not None and total != entry.size:
         part.unlink(missing_ok=True)
-        raise WeightsError(
-            f"checksum did not match for {entry.name} downloaded from {entry.url}: got {total} bytes, "
-            f"expected {entry.size}; the download was deleted; run again or download it yourself "
-            f"and put it at {dest}"
-        )
+        raise _checksum_error(entry, f"got {total} bytes, expected {entry.size}", dest)
     got = digest.hexdigest()
     if entry.sha256 is not None and got != entry.sha256.lower():
         part.unlink(missing_ok=True)
-        raise WeightsError(
-            f"checksum did not match for {entry.name} downloaded from {entry.url}: sha256 {got[:16]}..., "
-            f"expected {entry.sha256[:16]}...; the download was deleted; run again or download it "
-            f"yourself and put it at {dest}"
-        )
+        raise _checksum_error(entry, f"sha256 {got[:16]}..., expected {entry.sha256[:16]}...", dest)
     try:
         os.replace(part, dest)
     except OSError as error:
         raise WeightsError(f"cannot move {part} to {dest}: {_one_line(error.strerror or error)}") from None
     return dest
+
+
+# ------------------------------------------------------------------------------ fetch
+
+
+def sha256_file(path: Path, *, progress: bool = False, label: str = "") -> str:
+    """Hex sha256 of a file, read in :data:`CHUNK` blocks (a byte progress bar if asked)."""
+    digest = hashlib.sha256()
+    bar = _Progress(progress, label or path.name)
+    try:
+        bar.start(path.stat().st_size, 0)
+        with path.open("rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+                bar.advance(len(block))
+    except OSError as error:
+        raise WeightsError(f"cannot read {path}: {_one_line(error.strerror or error)}") from None
+    finally:
+        bar.close()
+    return digest.hexdigest()
+
+
+def _fetch_from_hub(entry: ZooEntry, progress: bool) -> Path:
+    """Download a Hub file into the Hugging Face cache, then check it as :func:`download` does."""
+    assert isinstance(entry.source, HubFile)
+    setting = offline_mode()
+    if setting:
+        raise _offline_error(entry, setting)
+    try:
+        path = hub.download(entry.source, progress=progress)
+    except hub.HubError as error:
+        raise _cannot_download(entry, cached_path(entry), error.reason) from None
+    size = path.stat().st_size
+    if entry.size is not None and size != entry.size:
+        hub.remove(path)
+        raise _checksum_error(entry, f"got {size} bytes, expected {entry.size}", cached_path(entry))
+    if entry.sha256 is not None:
+        got = sha256_file(path, progress=progress, label=f"checking {entry.name}")
+        if got != entry.sha256.lower():
+            hub.remove(path)
+            raise _checksum_error(entry, f"sha256 {got[:16]}..., expected {entry.sha256[:16]}...", cached_path(entry))
+    return path
+
+
+def _download_missing(entry: ZooEntry, progress: bool, timeout: float) -> Path:
+    if isinstance(entry.source, HubFile):
+        return _fetch_from_hub(entry, progress)
+    return download(entry, progress=progress, timeout=timeout)
+
+
+def fetch(entry: ZooEntry, *, progress: bool = True, timeout: float = 30) -> Path:
+    """The file of ``entry``: the cached copy (:func:`find_cached`), else downloaded and
+    checked. Offline (``OVSS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) a missing file raises
+    :class:`WeightsError` naming ``ovss models download`` before any request is made."""
+    found = find_cached(entry)
+    if found is not None:
+        return found
+    return _download_missing(entry, progress, timeout)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`prefetch` did for one entry."""
+
+    entry: ZooEntry
+    path: Path
+    action: str  # "downloaded" | "cached" | "replaced" (a cached copy failed its checksum)
+    verified: bool  # the sha256 was checked against the zoo's pin
+
+
+def _is_pinned_file(entry: ZooEntry, path: Path) -> bool:
+    """True unless ``path`` is an alternate file (another format) the zoo pins no checksum for."""
+    return entry.sha256 is not None and path.name == entry.filename
+
+
+def prefetch(entry: ZooEntry, *, progress: bool = True, verify: bool = True, timeout: float = 30) -> Fetched:
+    """Make sure ``entry`` is on disk ahead of time (``ovss models download``).
+
+    A missing file is downloaded and checked; with ``verify`` a cached one is hashed
+    too, and replaced when its sha256 does not match the zoo's (a corrupt copy).
+    """
+    found = find_cached(entry)
+    if found is None:
+        path = _download_missing(entry, progress, timeout)
+        return Fetched(entry, path, "downloaded", entry.sha256 is not None and _is_pinned_file(entry, path))
+    if not (verify and _is_pinned_file(entry, found)):
+        return Fetched(entry, found, "cached", False)
+    if sha256_file(found, progress=progress, label=f"checking {entry.name}") == entry.sha256.lower():  # type: ignore[union-attr]
+        return Fetched(entry, found, "cached", True)
+    if hub.in_hub_cache(found):
+        hub.remove(found)
+    else:
+        found.unlink(missing_ok=True)
+    return Fetched(entry, fetch(entry, progress=progress, timeout=timeout), "replaced", True)
 
 
 # --------------------------------------------------------------------------- resolve
@@ -417,7 +601,7 @@ def resolve_weights(
 
     ``local`` (a ``--weights FILE``) wins; it must be an existing file. Otherwise the zoo
     entry ``name`` (``default`` when ``None``) is returned from the cache, downloading it
-    first if needed.
+    first if needed (see :func:`fetch`).
     """
     if local is not None and str(local) != "":
         path = Path(local).expanduser()
@@ -431,10 +615,7 @@ def resolve_weights(
                 f"checkpoint path is a directory, not a file: {path}; pass the checkpoint file itself to --weights"
             )
         return path
-    entry = get_entry(name if name is not None else default)
-    if is_cached(entry):
-        return cached_path(entry)
-    return download(entry, progress=progress)
+    return fetch(get_entry(name if name is not None else default), progress=progress)
 
 
 # ------------------------------------------------------------------------------ load

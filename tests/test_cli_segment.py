@@ -1,6 +1,7 @@
 """`ovss segment` end to end through the CLI, with small seeded models passed as --weights."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -219,8 +220,10 @@ def test_offline_download_names_url_and_path(tmp_path, sample_images, monkeypatc
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     entry = zoo.ZOO["san-vit-b16"]
-    monkeypatch.setitem(zoo.ZOO, "san-vit-b16", type(entry)(**{**entry.__dict__, "url": f"http://127.0.0.1:{port}/san_vit_b_16.pth"}))
+    monkeypatch.setitem(zoo.ZOO, "san-vit-b16",
+                        dataclasses.replace(entry, source=zoo.UrlFile(f"http://127.0.0.1:{port}/san_vit_b_16.pth")))
     monkeypatch.setenv("OVSS_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = invoke("segment", str(sample_images), "--classes", "cat", "--quiet")
     expected_path = tmp_path / "weights" / "san-vit-b16" / "san_vit_b_16.pth"
     assert_clean_error(result, 4, "cannot download san-vit-b16", f"127.0.0.1:{port}", str(expected_path))

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import http.server
 import re
 import socket
-import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 from ovss_cli import weights, zoo
-from ovss_cli.errors import WeightsError
+from ovss_cli.errors import UsageError, WeightsError
 from ovss_cli.weights import (
     cache_dir,
     cached_path,
@@ -29,7 +27,9 @@ from ovss_cli.weights import (
     resolve_weights,
     zoo_rows,
 )
-from ovss_cli.zoo import ZOO, ZooEntry
+from ovss_cli.zoo import ZOO, HubFile, UrlFile, ZooEntry
+
+from fake_hosts import FakeHost, isolate_caches, isolate_network, running
 
 PAYLOAD = bytes((i * 7 + i // 251) % 256 for i in range(300_000))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -38,87 +38,28 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 # ------------------------------------------------------------------ local HTTP server
 
 
-@dataclass
-class ServerState:
-    files: dict[str, bytes] = field(default_factory=dict)
-    force_status: int | None = None  # answer every request with this error code
-    ignore_range: bool = False  # answer 200 with the whole body even when asked for a range
-    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
-
-
-def _handler(state: ServerState):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # keep pytest output clean
-            pass
-
-        def do_GET(self):  # noqa: N802 - http.server API
-            range_header = self.headers.get("Range")
-            state.requests.append((self.path, range_header))
-            if state.force_status is not None:
-                self.send_error(state.force_status)
-                return
-            body = state.files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            start = 0
-            match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-            if match and not state.ignore_range:
-                start = int(match.group(1))
-                if start >= len(body):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(body)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            else:
-                self.send_response(200)
-            chunk = body[start:]
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(chunk)))
-            self.end_headers()
-            self.wfile.write(chunk)
-
-    return Handler
-
-
 @pytest.fixture()
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    state = ServerState(files={"/ckpt/model.pth": PAYLOAD})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"  # type: ignore[attr-defined]
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    """Another host (not the Hub) serving /ckpt/model.pth."""
+    isolate_network(monkeypatch)
+    with running(FakeHost(files={"/ckpt/model.pth": PAYLOAD})) as host:
+        yield host
+
+
+def _requests(host: FakeHost) -> list[tuple[str, str | None]]:
+    return [(r.path, r.range) for r in host.log]
 
 
 @pytest.fixture(autouse=True)
 def ovss_home(tmp_path, monkeypatch):
-    home = tmp_path / "ovss-home"
-    monkeypatch.setenv("OVSS_HOME", str(home))
-    return home
+    return isolate_caches(monkeypatch, tmp_path)["ovss"]
 
 
 def _entry(url: str, *, size: int | None = len(PAYLOAD), sha256: str | None = PAYLOAD_SHA) -> ZooEntry:
     return ZooEntry(
         name="test-model",
         kind="sam",
-        url=url,
-        filename=urlparse(url).path.rsplit("/", 1)[-1],
+        source=UrlFile(url),
         size=size,
         sha256=sha256,
         description="test checkpoint",
@@ -173,7 +114,7 @@ def test_download_success(server, capsys):
     assert path.read_bytes() == PAYLOAD
     assert not _part(path).exists()
     assert is_cached(entry)
-    assert len(server.requests) == 1 and server.requests[0][1] is None
+    assert _requests(server) == [("/ckpt/model.pth", None)]
     assert capsys.readouterr().err == ""  # progress=False prints nothing
 
 
@@ -189,7 +130,7 @@ def test_download_resumes_part_file(server):
     half = len(PAYLOAD) // 2
     _part(final).write_bytes(PAYLOAD[:half])
     path = download(entry, progress=False)
-    assert server.requests == [("/ckpt/model.pth", f"bytes={half}-")]
+    assert _requests(server) == [("/ckpt/model.pth", f"bytes={half}-")]
     assert path.read_bytes() == PAYLOAD
     assert not _part(path).exists()
 
@@ -202,7 +143,7 @@ def test_download_restarts_when_server_ignores_range(server):
     _part(final).write_bytes(PAYLOAD[:1000])
     path = download(entry, progress=False)
     assert path.read_bytes() == PAYLOAD
-    assert [r[1] for r in server.requests] == ["bytes=1000-", None]
+    assert [r.range for r in server.log] == ["bytes=1000-", None]
 
 
 def test_download_restarts_when_part_is_bogus(server):
@@ -241,7 +182,8 @@ def test_download_404(server):
     message = str(info.value)
     assert entry.url in message
     assert str(cached_path(entry)) in message
-    assert "404" in message and "--weights" in message
+    assert "404" in message and "--sam-weights FILE" in message  # a sam entry: the option that replaces it
+    assert "run `ovss models download test-model`" in message
     assert "\n" not in message
     assert not cached_path(entry).exists()
 
@@ -300,7 +242,7 @@ def test_resolve_weights_downloads_once(server, monkeypatch):
     first = resolve_weights(None, None, default=entry.name, progress=False)
     second = resolve_weights(entry.name, None, default="sam-vit-b", progress=False)
     assert first == second == cached_path(entry)
-    assert len(server.requests) == 1
+    assert len(server.log) == 1
 
 
 def test_resolve_weights_unknown_name():
@@ -425,6 +367,12 @@ def test_zoo_entries_are_well_formed():
         assert entry.kind in zoo.KINDS
         assert entry.url.startswith("https://"), name
         assert urlparse(entry.url).path.rsplit("/", 1)[-1] == entry.filename, name
+        if isinstance(entry.source, HubFile):
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+", entry.source.repo_id), name
+            assert entry.source.revision == "main" or re.fullmatch(r"[0-9a-f]{40}", entry.source.revision), name
+            assert entry.sha256 is not None, name  # Hub downloads are always checked
+            assert entry.url == (f"https://huggingface.co/{entry.source.repo_id}/resolve/"
+                                 f"{entry.source.revision}/{entry.filename}"), name
         assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256), name
         assert entry.size is None or entry.size > 0, name
         assert entry.arch and entry.description
@@ -449,6 +397,41 @@ def test_zoo_expected_names_and_defaults():
     assert zoo.clip_for_alpha_clip(zoo.DEFAULT_ALPHA_CLIP).name == "clip-vit-b16-openai"
 
 
+def test_zoo_hosts():
+    """Hugging Face-hosted files (SAN, the OpenAI CLIPs) go through the Hub; SAM and
+    Alpha-CLIP come from their own hosts."""
+    hub_hosted = {name for name, entry in ZOO.items() if isinstance(entry.source, HubFile)}
+    assert hub_hosted == {"san-vit-b16", "san-vit-l14", "clip-vit-b16-openai", "clip-vit-l14-openai",
+                          "clip-vit-l14-336-openai"}
+    assert all(isinstance(e.source, UrlFile) for e in ZOO.values() if e.name not in hub_hosted)
+    assert ZOO["san-vit-b16"].source.repo_id == "Mendel192/san"
+    clip = ZOO["clip-vit-b16-openai"].source
+    assert (clip.repo_id, clip.filename) == ("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors")
+    assert clip.alternates == ("open_clip_pytorch_model.bin",)
+
+
+def test_select_entries():
+    names = lambda chosen: [e.name for e in chosen]  # noqa: E731
+    assert names(zoo.select_entries(method="san")) == ["san-vit-b16"]
+    assert names(zoo.select_entries(method="sam")) == ["sam-vit-b", "alpha-clip-b16-grit1m-mim", "clip-vit-b16-openai"]
+    assert names(zoo.select_entries(all_entries=True)) == list(ZOO)
+    assert names(zoo.select_entries(all_entries=True, method="san")) == ["san-vit-b16", "san-vit-l14"]
+    assert {e.kind for e in zoo.select_entries(all_entries=True, method="sam")} == {"sam", "alpha-clip", "clip"}
+    # an Alpha-CLIP checkpoint brings the CLIP its text encoder comes from; zoo order, no repeats
+    assert names(zoo.select_entries(["alpha-clip-l14-grit20m", "sam-vit-h", "alpha-clip-l14-grit1m"])) == [
+        "sam-vit-h", "alpha-clip-l14-grit1m", "alpha-clip-l14-grit20m", "clip-vit-l14-openai"]
+    with pytest.raises(UsageError, match="--method san does not use"):
+        zoo.select_entries(["sam-vit-b"], method="san")
+    with pytest.raises(UsageError, match="--all"):
+        zoo.select_entries()
+    with pytest.raises(UsageError, match="not both"):
+        zoo.select_entries(["sam-vit-b"], all_entries=True)
+    with pytest.raises(UsageError, match="unknown method"):
+        zoo.select_entries(method="dino")
+    with pytest.raises(WeightsError, match="did you mean"):
+        zoo.select_entries(["san-vit-b61"])
+
+
 def test_zoo_lookup_errors():
     with pytest.raises(WeightsError, match="did you mean sam-vit-b"):
         zoo.get_entry("sam-vit-bb")
@@ -466,7 +449,12 @@ def test_zoo_rows(ovss_home):
         "kind": "sam",
         "size": "357.7 MiB",
         "cached": False,
-        "path": str(cached_path(ZOO["sam-vit-b"])),
+        "path": None,
         "url": ZOO["sam-vit-b"].url,
     }
     assert next(r for r in rows if r["name"] == "alpha-clip-b16-grit1m")["size"] == "?"
+    placed = cached_path(ZOO["alpha-clip-b16-grit1m"])  # size unknown: any file there counts
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"weights")
+    row = next(r for r in zoo_rows() if r["name"] == "alpha-clip-b16-grit1m")
+    assert row["cached"] is True and row["path"] == str(placed)
