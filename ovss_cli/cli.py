@@ -121,11 +121,9 @@ def with_model_options(func: Callable) -> Callable:
     return command
 
 
-def build_segmenter(options: dict[str, Any], quiet: bool):
-    """A segmenter from the shared options; method-specific ones are passed only when set, and
-    the method's factory rejects those that do not apply to it."""
-    from .segmenter import load_segmenter
-
+def segmenter_arguments(options: dict[str, Any], quiet: bool) -> tuple[str, dict[str, Any]]:
+    """The method and ``load_segmenter`` keywords from the shared options; method-specific ones
+    are passed only when set, and the method's factory rejects those that do not apply to it."""
     o = dict(options)
     method_options = {
         "precision": o["precision"], "templates": o["templates"], "progress": not quiet,
@@ -144,14 +142,30 @@ def build_segmenter(options: dict[str, Any], quiet: bool):
     method_options = {k: v for k, v in method_options.items() if v is not None}
     if "resize_short" in method_options:
         method_options["resize_short"] = method_options["resize_short"] or None  # 0 keeps the input size
-    return load_segmenter(
-        o["method"],
+    return o["method"], dict(
         model=o["model"],
         weights=str(o["weights"]) if o["weights"] else None,
         clip_config=str(o["clip_config"]) if o["clip_config"] else None,
         device=o["device"],
         **method_options,
     )
+
+
+def build_segmenter(options: dict[str, Any], quiet: bool):
+    """A segmenter from the shared options (see :func:`segmenter_arguments`)."""
+    from .segmenter import load_segmenter
+
+    method, kwargs = segmenter_arguments(options, quiet)
+    return load_segmenter(method, **kwargs)
+
+
+def start_distributed(options: dict[str, Any]):
+    """Under torchrun, join the process group; ``--device`` becomes the rank's own device."""
+    from .runs.distributed import start
+
+    dist = start(options["device"])
+    options["device"] = dist.device(options["device"])
+    return dist
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -167,35 +181,59 @@ def segment(
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     formats: str = typer.Option("png,overlay,coco,jsonl", "--format", help="Any of png,overlay,coco,jsonl."),
     distractors: str = typer.Option("coco-all", "--distractors", help="Names that compete with your classes; what they win is 'other': coco-all | coco-stuff | none | FILE."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image (default: skip those whose outputs are complete from an earlier run with the same settings)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Process shard i of n (0-based, e.g. 0/4): a deterministic share of the inputs; join shards with `ovss merge`."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Threads reading images ahead (0: read and write in the main thread; default from the CPU count)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be processed (new, done, failed before) and what is skipped, without loading a model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still printed."),
     model_options: dict = None,  # type: ignore[assignment]
 ) -> None:
-    """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest."""
+    """Segment images with a vocabulary; writes label PNGs, overlays, COCO JSON and a JSONL manifest.
+
+    Re-running the same command resumes: images whose outputs are complete are skipped. Under
+    torchrun (`torchrun --nproc-per-node K -m ovss_cli segment ...`) each process takes its share.
+    """
 
     def body() -> int:
         from .io.images import InputWalk
-        from .reporting import image_progress, print_segment_summary
+        from .reporting import image_progress, print_plan, print_segment_summary
         from .distractors import distractor_names
-        from .segment import parse_formats, segment_images
+        from .runs.shards import parse_shard
+        from .segment import parse_formats, plan_run, run_identity, segment_images
+        from .segmenter import segmenter_identity
         from .vocabulary import load_vocabulary
 
         # Cheap checks first: a typo should not cost a model download.
         vocabulary = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors))
         fmt = parse_formats(formats)
-        walk = InputWalk(paths)
+        share = parse_shard(shard)
+        walk = InputWalk(paths, exclude=[out])
+        if dry_run:
+            method, kwargs = segmenter_arguments(model_options, quiet)
+            identity = run_identity(segmenter_identity(method, **kwargs), vocabulary, fmt)
+            return print_plan(plan_run(walk, out, identity, overwrite=overwrite, share=share), walk)
         # a listing-only walk (nothing decoded) gives the progress bar its total and ETA, and
         # finds an input without images before a model is loaded
-        total = None if "-" in paths else sum(1 for _ in walk)
-        if total == 0:
+        total = None if "-" in paths else sum(1 for pos, _ in enumerate(walk) if share.takes(pos))
+        if total == 0 and next(iter(walk), None) is None:
             raise walk.nothing_found()
-        segmenter = build_segmenter(model_options, quiet)
-        with image_progress(total, enabled=not quiet) as advance:
-            summary = segment_images(
-                segmenter, walk, vocabulary, out, formats=fmt, batch_size=batch_size, on_result=advance
-            )
+        dist = start_distributed(model_options)
+        try:
+            segmenter = build_segmenter(model_options, quiet or not dist.is_main)
+            with image_progress(total, enabled=not quiet and dist.is_main,
+                                counter=dist.add_progress if dist.enabled else None) as advance:
+                summary = segment_images(segmenter, walk, vocabulary, out, formats=fmt, batch_size=batch_size,
+                                         workers=workers, overwrite=overwrite, share=share, dist=dist,
+                                         on_result=advance)
+        finally:
+            dist.stop()
+        if not dist.is_main:
+            return EXIT_SOME_FAILED if summary.images_failed else 0
         if not quiet:
             print_segment_summary(summary)
-        elif summary.failures:
+        else:
+            if summary.excluded:
+                print(f"warning: {summary.excluded}", file=sys.stderr)
             for path, reason in summary.failures:
                 print(f"failed: {path}: {reason}", file=sys.stderr)
         return EXIT_SOME_FAILED if summary.images_failed else 0
@@ -220,15 +258,20 @@ def evaluate(
     per_class: bool = typer.Option(False, "--per-class", help="Print per-class IoU and accuracy."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write each prediction as a label PNG under OUT/predictions."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first sample that fails (default: leave it out, report it, mark the metrics partial)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Evaluate shard i of n (0-based, e.g. 0/4); `ovss merge` sums the shards' folders into the whole dataset's metrics."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for metrics.json (default ovss_eval/<dataset>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
     model_options: dict = None,  # type: ignore[assignment]
 ) -> None:
-    """Evaluate on a benchmark (mIoU, fwIoU, mACC, pACC as detectron2), or with open vocabularies."""
+    """Evaluate on a benchmark (mIoU, fwIoU, mACC, pACC as detectron2), or with open vocabularies.
+
+    Under torchrun each process evaluates its share and the counts are summed over processes.
+    """
 
     def body() -> int:
         from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names, select_indices
+        from .runs.shards import parse_shard
         from .distractors import distractor_names
         from .errors import UsageError
         from .evaluate import evaluate_dataset, load_per_image_vocabulary, write_evaluation
@@ -246,19 +289,50 @@ def evaluate(
         vocab = read_class_file(vocabulary_file) if vocabulary_file else None
         per_image = load_per_image_vocabulary(per_image_vocabulary) if per_image_vocabulary else None
         out_dir = out or Path("ovss_eval") / data.name
-        segmenter = build_segmenter(model_options, quiet or as_json)
-        total = len(select_indices(len(data), limit=limit, subset=subset))
-        with image_progress(total, enabled=not (quiet or as_json), label=f"evaluating {data.name}") as advance:
-            result = evaluate_dataset(
-                segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
-                distractors=distractor_names(distractors), limit=limit, subset=subset, on_result=advance,
-                predictions_dir=out_dir / "predictions" if save_predictions else None, strict=strict,
-            )
+        share = parse_shard(shard)
+        dist = start_distributed(model_options)
+        try:
+            show = not (quiet or as_json) and dist.is_main
+            segmenter = build_segmenter(model_options, not show)
+            total = sum(1 for pos in range(len(select_indices(len(data), limit=limit, subset=subset)))
+                        if share.takes(pos))
+            with image_progress(total, enabled=show, label=f"evaluating {data.name}",
+                                counter=dist.add_progress if dist.enabled else None) as advance:
+                result = evaluate_dataset(
+                    segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
+                    distractors=distractor_names(distractors), limit=limit, subset=subset, on_result=advance,
+                    predictions_dir=out_dir / "predictions" if save_predictions else None, strict=strict,
+                    share=share, dist=dist,
+                )
+        finally:
+            dist.stop()
+        if not dist.is_main:  # rank 0 writes and prints the whole evaluation
+            return EXIT_SOME_FAILED if result.failed else 0
         paths = write_evaluation(result, out_dir)
         if as_json:
             print(json.dumps(result.to_dict(), indent=2))
         elif not quiet:
             print_evaluation(result, per_class=per_class, paths=paths)
+        return EXIT_SOME_FAILED if result.failed else 0
+
+    _run(body)
+
+
+@app.command()
+def merge(
+    folders: List[Path] = typer.Argument(..., help="The shards' output folders (all from `segment`, or all from `evaluate`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary."),
+) -> None:
+    """Join the folders written by `--shard i/n` runs into the folder one run would have written."""
+
+    def body() -> int:
+        from .runs.merge import merge_folders
+
+        result = merge_folders(folders, out)
+        if not quiet:
+            print(f"merged {result.sources} {result.kind} folders: {result.images} images"
+                  f" ({result.failed} failed) -> {out}", file=sys.stderr)
         return EXIT_SOME_FAILED if result.failed else 0
 
     _run(body)

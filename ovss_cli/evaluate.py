@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from .datasets import Sample, SemSegDataset
 from .errors import InputError, UsageError, failure_reason
@@ -23,6 +24,8 @@ from .io.prefetch import prefetched
 from .io.text_files import read_user_text
 from .io.outputs import write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
+from .runs.distributed import Distributed
+from .runs.shards import Share
 from .segmenter import OTHER, UNLABELLED, Prediction, Segmenter
 from .vocabulary import Vocabulary
 
@@ -57,6 +60,10 @@ class EvaluationResult:
     similarity: SemanticSimilarity | None = None
     words: list[str] = field(default_factory=list)
     synonyms: str = "whole"
+    word_counts: "WordCounts | None" = None  # open vocabularies: what the similarity is computed from
+    similarity_rows: np.ndarray | None = None  # word x class cosine similarities of the text embeddings
+    identity: dict[str, Any] = field(default_factory=dict)  # what shards must share to be merged
+    shard: tuple[int, int] | None = None  # (index, count) when this is one shard of the dataset
 
     @property
     def images_per_second(self) -> float:
@@ -79,12 +86,46 @@ class EvaluationResult:
             "images_per_second": round(self.images_per_second, 4),
             "failures": [{"input": p, "error": e} for p, e in self.failures],
         }
+        if self.shard is not None:
+            out["shard"] = {"index": self.shard[0], "count": self.shard[1]}
+        if self.identity:
+            out["run"] = self.identity
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_dict(self.class_names)
         if self.similarity is not None:
             out["semantic_similarity"] = self.similarity.to_dict()
             out["word_class_pixels"] = word_class_rows(self.similarity.table, self.words, self.class_names)
         return out
+
+
+class WordCounts:
+    """Open-vocabulary tallies: for each predicted word (in order of first appearance), the
+    pixels of each ground-truth class it covered, plus unlabelled pixels per class; mergeable
+    across shards and ranks (memory grows with the vocabulary only)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.words: list[str] = []
+        self._index: dict[str, int] = {}
+        self.rows: list[np.ndarray] = []
+        self.unlabelled = np.zeros(num_classes, np.int64)
+
+    def add(self, word: str, counts: np.ndarray) -> None:
+        if word not in self._index:
+            self._index[word] = len(self.words)
+            self.words.append(word)
+            self.rows.append(np.zeros(self.num_classes, np.int64))
+        self.rows[self._index[word]] += counts
+
+    def merge(self, other: "WordCounts") -> "WordCounts":
+        for word, row in zip(other.words, other.rows):
+            self.add(word, row)
+        self.unlabelled += other.unlabelled
+        return self
+
+    @property
+    def table(self) -> np.ndarray:
+        return np.stack(self.rows) if self.rows else np.zeros((0, self.num_classes), np.int64)
 
 
 def word_class_rows(table: np.ndarray, words: Sequence[str], classes: Sequence[str], top: int = 5) -> list[dict]:
@@ -143,6 +184,8 @@ def evaluate_dataset(
     subset: float | None = None,
     predictions_dir: str | Path | None = None,
     strict: bool = False,
+    share: Share = Share(),
+    dist: Distributed | None = None,
     on_result: Callable[[SampleResult], None] | None = None,
 ) -> EvaluationResult:
     """Run ``segmenter`` over ``dataset`` and score it (see the module docstring).
@@ -152,21 +195,30 @@ def evaluate_dataset(
     ``predictions_dir`` saves each prediction as a label PNG named after the sample id.
     A sample that cannot be read, segmented or saved is a failure: it is left out of the
     metrics, listed, and the result is marked partial; ``strict`` makes the first failure an
-    :class:`~ovss_cli.errors.InputError` instead.
+    :class:`~ovss_cli.errors.InputError` instead. ``share`` evaluates one shard of the samples
+    (``ovss merge`` sums shards); under torchrun (``dist``) each rank takes its part and the
+    counts are summed over ranks, so every rank returns the whole evaluation.
     """
     if vocabulary is not None and per_image_vocabulary is not None:
         raise UsageError("give either --vocabulary-file or --per-image-vocabulary, not both")
+    dist = dist or Distributed()
+    mine = share.with_rank(dist.rank, dist.world)
     open_vocab = vocabulary is not None or per_image_vocabulary is not None
-    result = EvaluationResult(dataset.name, segmenter.describe(), dataset.class_names, synonyms=synonyms)
+    result = EvaluationResult(dataset.name, segmenter.describe(), dataset.class_names, synonyms=synonyms,
+                              shard=(share.index, share.count) if share.sharded else None)
+    result.identity = {
+        "dataset": dataset.name, "classes": dataset.class_names, "synonyms": synonyms,
+        "segmenter": segmenter.identity or segmenter.describe(),
+        "vocabulary": None if vocabulary is None else vocabulary.to_dict(),
+        "per_image_vocabulary": None if per_image_vocabulary is None else dict(per_image_vocabulary),
+        "distractors": list(distractors), "limit": limit, "subset": subset,
+    }
     bench_vocab = Vocabulary.for_benchmark(dataset.class_names, synonyms)
     confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_label) if not open_vocab else None
-    words: list[str] = []
-    word_ids: dict[str, int] = {}
-    counts: list[np.ndarray] = []  # per word: pixels per gt class (grows with the vocabulary only)
-    unlabelled = np.zeros(dataset.num_classes, np.int64)
+    word_counts = WordCounts(dataset.num_classes) if open_vocab else None
 
     start = time.perf_counter()
-    samples = dataset.samples(limit=limit, subset=subset)
+    samples = (s for pos, s in enumerate(dataset.samples(limit=limit, subset=subset)) if mine.takes(pos))
 
     def fail(sample: Sample, err: BaseException) -> None:
         reason = failure_reason(err)
@@ -191,7 +243,8 @@ def evaluate_dataset(
             vocab = vocab.with_distractors(distractors)
         saved: Path | None = None
         try:
-            prediction: Prediction = segmenter.predict(image, vocab)
+            with torch.inference_mode():
+                prediction: Prediction = segmenter.predict(image, vocab)
             predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
             if predictions_dir is not None:
                 saved = Path(predictions_dir) / f"{sample.id}.png"
@@ -202,13 +255,9 @@ def evaluate_dataset(
             else:
                 table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
                 table.update(predicted, label)
-                unlabelled += table.unlabelled
+                word_counts.unlabelled += table.unlabelled
                 for i, name in enumerate(vocab.names):
-                    if name not in word_ids:
-                        word_ids[name] = len(words)
-                        words.append(name)
-                        counts.append(np.zeros(dataset.num_classes, np.int64))
-                    counts[word_ids[name]] += table.counts[i]
+                    word_counts.add(name, table.counts[i])
         except Exception as err:
             if saved is not None:
                 saved.unlink(missing_ok=True)
@@ -219,20 +268,45 @@ def evaluate_dataset(
             on_result(SampleResult(sample, ok=True, seconds=time.perf_counter() - t0))
     result.seconds = time.perf_counter() - start
 
-    if confusion is not None:
-        result.confusion = confusion
-        result.metrics = confusion.compute()
-    elif words:
-        word_emb = segmenter.embed_names(words).cpu().numpy()
-        class_emb = segmenter.embed_names(bench_vocab.names).cpu().numpy()
-        sim = cosine_similarity_matrix(word_emb, class_emb)
-        result.words = words
-        result.similarity = semantic_similarity(np.stack(counts), sim, unlabelled)
+    if dist.enabled:  # every rank ends with the whole evaluation
+        if confusion is not None:
+            confusion = ConfusionMatrix.from_matrix(dist.all_reduce_sum(confusion.matrix.copy()), dataset.ignore_label)
+        parts = dist.all_gather((result.images, result.failed, result.failures, result.seconds, word_counts))
+        result.images = sum(p[0] for p in parts)
+        result.failed = sum(p[1] for p in parts)
+        result.failures = [f for p in parts for f in p[2]]
+        result.seconds = max(p[3] for p in parts)
+        if word_counts is not None:
+            word_counts = WordCounts(dataset.num_classes)
+            for p in parts:
+                word_counts.merge(p[4])
+    finish_evaluation(result, confusion, word_counts, segmenter.embed_names, bench_vocab.names)
     return result
 
 
+def finish_evaluation(result: EvaluationResult, confusion: ConfusionMatrix | None, word_counts: WordCounts | None,
+                      embed_names: Callable[[Sequence[str]], Any] | None, class_names: Sequence[str],
+                      similarity_rows: np.ndarray | None = None) -> None:
+    """Turn the counts into metrics: detectron2's from the confusion matrix, or the semantic
+    similarity of the predicted words (``similarity_rows``: word x class cosine similarities,
+    computed with ``embed_names`` when not given)."""
+    if confusion is not None:
+        result.confusion = confusion
+        result.metrics = confusion.compute()
+    elif word_counts is not None and word_counts.words:
+        if similarity_rows is None:
+            word_emb = embed_names(word_counts.words).cpu().numpy()
+            class_emb = embed_names(list(class_names)).cpu().numpy()
+            similarity_rows = cosine_similarity_matrix(word_emb, class_emb)
+        result.words = list(word_counts.words)
+        result.word_counts = word_counts
+        result.similarity_rows = similarity_rows
+        result.similarity = semantic_similarity(word_counts.table, similarity_rows, word_counts.unlabelled)
+
+
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, str]:
-    """``metrics.json`` (everything) and, for closed vocabularies, ``confusion.npy``."""
+    """``metrics.json`` (everything) and what ``ovss merge`` sums: ``confusion.npy`` for
+    closed vocabularies, ``word_counts.npz`` (words, counts, similarities) for open ones."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": str(out / "metrics.json")}
@@ -241,4 +315,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str,
         with atomic_open(out / "confusion.npy", "wb") as handle:
             np.save(handle, result.confusion.matrix)
         paths["confusion"] = str(out / "confusion.npy")
+    if result.word_counts is not None and result.similarity_rows is not None:
+        with atomic_open(out / "word_counts.npz", "wb") as handle:
+            np.savez(handle, words=np.array(result.word_counts.words, dtype=str), counts=result.word_counts.table,
+                     unlabelled=result.word_counts.unlabelled, similarity=result.similarity_rows)
+        paths["word_counts"] = str(out / "word_counts.npz")
     return paths

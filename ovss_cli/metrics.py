@@ -144,6 +144,16 @@ class ConfusionMatrix:
         view.flags.writeable = False
         return view
 
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray, ignore_label: int = 255) -> "ConfusionMatrix":
+        """A matrix with these counts (e.g. summed over processes, or read from a file)."""
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
+            raise ValueError(f"expected a (C+1) x (C+1) matrix, got shape {matrix.shape}")
+        out = cls(matrix.shape[0] - 1, ignore_label)
+        out._matrix += matrix.astype(np.int64)
+        return out
+
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
         """Add one image (or any same-shaped batch) of predictions and ground truth."""
         self._matrix += _pair_counts(pred, gt, self.num_classes, self.num_classes, self.ignore_label)

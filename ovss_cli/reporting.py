@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,16 +15,21 @@ stderr = Console(stderr=True)
 
 
 @contextmanager
-def image_progress(total: int | None, enabled: bool, label: str = "segmenting") -> Iterator:
-    """Yields a callback advancing a bar that shows images/s and the ETA (no-op when disabled)."""
+def image_progress(total: int | None, enabled: bool, label: str = "segmenting",
+                   counter: Callable[[int], int] | None = None) -> Iterator:
+    """Yields a callback advancing a bar that shows images/s and the ETA (no-op when disabled).
+
+    ``counter`` counts finished inputs across processes (torchrun) and returns the total so far:
+    the bar then shows every rank's progress, and ranks without a bar still count theirs."""
     if not enabled:
-        yield lambda result=None: None
+        yield (lambda result=None: counter(1)) if counter is not None else (lambda result=None: None)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} img/s"),
+        TextColumn("done before {task.fields[reused]}"),
         TextColumn("failed {task.fields[failed]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -32,30 +37,59 @@ def image_progress(total: int | None, enabled: bool, label: str = "segmenting") 
         transient=False,
     )
     with progress:
-        task = progress.add_task(label, total=total, rate="-", failed=0)
-        failed = 0
+        task = progress.add_task(label, total=total, rate="-", failed=0, reused=0)
+        failed = reused = 0
 
         def advance(result=None) -> None:
-            """``result``: anything with ``ok``, ``path`` and ``error`` (a segment or evaluate result)."""
-            nonlocal failed
+            """``result``: anything with ``ok``, ``path`` and ``error`` (a segment or evaluate
+            result; ``reused`` when it was complete from an earlier run)."""
+            nonlocal failed, reused
             if result is not None and not result.ok:
                 failed += 1
                 progress.console.print(f"[red]failed[/red] {escape(str(result.path))}: {escape(str(result.error))}",
                                        markup=True, highlight=False)
-            progress.advance(task)
+            reused += bool(getattr(result, "reused", False))
+            if counter is not None:
+                progress.update(task, completed=counter(1))
+            else:
+                progress.advance(task)
             t = progress.tasks[0]
-            done = t.completed - failed
+            done = t.completed - failed - reused
             rate = done / t.elapsed if t.elapsed and done > 0 else 0.0
-            progress.update(task, rate=f"{rate:.2f}" if rate else "-", failed=failed)
+            progress.update(task, rate=f"{rate:.2f}" if rate else "-", failed=failed, reused=reused)
 
         yield advance
+
+
+def print_plan(plan, walk, console: Console | None = None) -> int:
+    """``--dry-run``: one ``status<TAB>input`` line per input on stdout, totals on stderr;
+    returns the exit code (0)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for status, item in plan:
+        counts[status] += 1
+        print(f"{status}\t{item.path}", flush=False)
+    parts = [f"{counts[s]} {name}" for s, name in (("new", "new"), ("done", "done before"),
+                                                    ("failed", "failed before (retried)")) if counts[s]]
+    console = console or stderr
+    console.print(f"dry run: {sum(counts.values())} inputs" + (f" ({', '.join(parts)})" if parts else ""),
+                  highlight=False)
+    if walk.skipped_text():
+        console.print(f"skipped files that are not images: {walk.skipped_text()}", highlight=False)
+    if walk.excluded_text():
+        console.print(f"warning: {escape(walk.excluded_text())}", highlight=False)
+    return 0
 
 
 def print_segment_summary(summary: SegmentSummary, console: Console = stderr) -> None:
     """Counts, throughput, class frequencies and the first failures."""
     rate = summary.images_ok / summary.seconds if summary.seconds > 0 else 0.0
     head = Table(title="ovss segment", show_header=False)
-    head.add_row("images", f"{summary.images_ok} ok, {summary.images_failed} failed")
+    head.add_row("images", f"{summary.images_ok} ok, {summary.images_failed} failed"
+                 + (f", {summary.images_reused} done before (skipped)" if summary.images_reused else ""))
+    if summary.excluded:
+        head.add_row("warning", summary.excluded)
     if summary.skipped:
         head.add_row("skipped", f"files that are not images: {summary.skipped}")
     head.add_row("time", f"{summary.seconds:.1f} s ({rate:.2f} images/s)")

@@ -9,6 +9,7 @@ import importlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -56,6 +57,9 @@ class Segmenter(ABC):
 
     method: str = ""
     model_name: str = ""
+    # What makes this segmenter's outputs what they are (set by load_segmenter): a resumed run
+    # must have the same (see segmenter_identity).
+    identity: dict[str, Any] | None = None
 
     @abstractmethod
     def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str], *,
@@ -103,6 +107,14 @@ def _factory(method: str) -> Callable[..., Segmenter]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def _check_options(method: str, factory: Callable[..., Segmenter], options: dict[str, Any]) -> None:
+    accepted = inspect.signature(factory).parameters
+    for key in options:
+        if key not in accepted:
+            flag = {"containment_filter": "no-filter"}.get(key, key.replace("_", "-"))
+            raise UsageError(f"option --{flag} does not apply to --method {method}")
+
+
 def load_segmenter(
     method: str,
     *,
@@ -119,9 +131,48 @@ def load_segmenter(
     (a dict or a JSON file path) for checkpoints built on a non-standard CLIP.
     """
     factory = _factory(method)
-    accepted = inspect.signature(factory).parameters
-    for key in method_options:
-        if key not in accepted:
-            flag = {"containment_filter": "no-filter"}.get(key, key.replace("_", "-"))
-            raise UsageError(f"option --{flag} does not apply to --method {method}")
-    return factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)
+    _check_options(method, factory, method_options)
+    segmenter = factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)
+    segmenter.identity = segmenter_identity(method, model=model, weights=weights, clip_config=clip_config,
+                                            device=device, **method_options)
+    return segmenter
+
+
+# Options that change how a segmenter works, not what it outputs.
+_NOT_IDENTITY = {"model", "weights", "clip_config", "device", "progress", "mask_batch_size", "points_per_batch"}
+
+
+def _file_identity(path: Any) -> Any:
+    """A checkpoint file as identity: its absolute path and size (hashing gigabytes per run
+    would cost more than the check is worth)."""
+    if path is None or isinstance(path, dict):
+        return path
+    p = Path(str(path)).expanduser()
+    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
+
+
+def segmenter_identity(method: str, *, model: str | None = None, weights: str | None = None,
+                       clip_config: dict | str | None = None, device: str | torch.device = "cpu",
+                       **method_options: Any) -> dict[str, Any]:
+    """What makes a segmenter's outputs what they are, without building it: method, model,
+    checkpoint files, and every output-changing option with the factory's defaults filled in
+    (precision resolved for the device). Equal identities give equal outputs."""
+    from .runtime import resolve_device, resolve_precision
+
+    factory = _factory(method)
+    _check_options(method, factory, method_options)
+    options: dict[str, Any] = {}
+    for name, param in inspect.signature(factory).parameters.items():
+        if name in _NOT_IDENTITY:
+            continue
+        value = method_options.get(name, param.default)
+        options[name] = _file_identity(value) if name.endswith("_weights") else value
+    if "precision" in options:
+        options["precision"] = resolve_precision(options["precision"], resolve_device(device))
+    config = clip_config
+    if isinstance(config, (str, Path)) and Path(config).is_file():
+        import json
+
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    return {"method": method, "model": model, "weights": _file_identity(weights), "clip_config": config,
+            "options": options}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,11 @@ class Vocabulary:
         distractor ``j`` counts as its own class ``len(self) + j``."""
         own = [i for i, c in enumerate(self.classes) for _ in c.prompt_names]
         return own + [len(self.classes) + j for j in range(len(self.distractors))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that decides what the vocabulary prompts and outputs (JSON-able)."""
+        return {"classes": [list(c.names) for c in self.classes], "merged": self.merged_distractors,
+                "distractors": list(self.distractors)}
 
     @property
     def merged_distractors(self) -> dict[str, list[str]]:

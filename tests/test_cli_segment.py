@@ -108,8 +108,8 @@ def test_jsonl_manifest(full_run, sample_images):
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [Path(r["input"]).name for r in lines] == [f.name for f in sample_files(sample_images)]
     for r in lines:
-        assert r["ok"] is True and r["seconds"] > 0
-        assert Path(r["outputs"]["png"]).is_file() and Path(r["outputs"]["overlay"]).is_file()
+        assert r["ok"] is True and "seconds" not in r  # deterministic: a resumed run writes the same bytes
+        assert (out / r["outputs"]["png"]).is_file() and (out / r["outputs"]["overlay"]).is_file()
         assert abs(sum(c["fraction"] for c in r["classes"]) - 1.0) < 1e-4
         assert {c["name"] for c in r["classes"]} <= set(CLASSES.split(","))
 
@@ -128,7 +128,7 @@ def test_official_tiny_checkpoint_with_clip_config(tmp_path, reference_dir):
     assert result.exit_code == 0, result.output
     label = cv2.imread(str(tmp_path / "o" / "labels" / "fixture.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(label, fixture["sem_seg"].argmax(0).numpy().astype(np.uint8))
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["classes.json", "labels"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".ovss", "classes.json", "labels"]
 
 
 def test_stdin_paths_and_formats(tmp_path, seeded_san, sample_images):

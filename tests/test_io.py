@@ -16,14 +16,16 @@ from ovss_cli.errors import InputError
 from ovss_cli.io.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from ovss_cli.io.images import InputImage, iter_inputs, read_image
 from ovss_cli.io.outputs import (
-    JsonlManifest,
-    RunningCocoWriter,
     class_colors,
+    coco_annotation,
+    coco_categories,
     encode_label_map,
     label_png_dtype,
     render_overlay,
     unlabelled_value,
     write_label_png,
+    write_coco,
+    write_jsonl,
     write_legend,
     write_rgb_png,
 )
@@ -329,21 +331,26 @@ def test_overlay_skips_names_for_tiny_regions() -> None:
 
 # pycocotools' decode trips a numpy 2 deprecation inside the library; not ours to fix.
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-def test_running_coco_writer(tmp_path: Path) -> None:
+def test_coco_results(tmp_path: Path) -> None:
     first = np.zeros((10, 12), bool)
     first[2:5, 3:9] = True  # 18 px, bbox x=3 y=2 w=6 h=3
     second = np.zeros((7, 5), bool)
     second[0, 0] = second[6, 4] = True  # 2 px, bbox spans the image
+    with pytest.raises(ValueError):
+        coco_annotation(2, first, 0.5, num_classes=2)
+    with pytest.raises(ValueError):
+        coco_annotation(0, first, float("nan"), num_classes=2)
+    entries = [
+        ({"file_name": "a.jpg", "height": 10, "width": 12}, [coco_annotation(1, first, 0.9, 2)]),
+        ({"file_name": "sub/b.png", "height": 7, "width": 5}, [coco_annotation(0, second, np.float32(0.25), 2)]),
+        ({"file_name": "c.jpg", "height": 10, "width": 12}, [coco_annotation(0, ~first, 0.5, 2)]),
+    ]
     path = tmp_path / "coco/results.json"
-    with RunningCocoWriter(path, ["cat", "dog"], [["cat"], ["dog", "puppy"]]) as writer:
-        a = writer.add_image("a.jpg", 10, 12, [(1, first, 0.9)])
-        with pytest.raises(ValueError):
-            writer.add_image("bad.jpg", 10, 12, [(0, first, 0.5), (0, second, 0.5)])  # wrong size: no trace
-        b = writer.add_image("sub/b.png", 7, 5, [(0, second, np.float32(0.25))])
-        assert (a, b) == (1, 2)
-        assert writer.add_image("c.jpg", 10, 12, [(0, ~first, 0.5)]) == 3
-    writer.close()  # closing twice is harmless
-    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # spools are gone
+    write_coco(path, coco_categories(["cat", "dog"], [["cat"], ["dog", "puppy"]]), lambda: iter(entries))
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left
+    first_bytes = path.read_bytes()
+    write_coco(path, coco_categories(["cat", "dog"], [["cat"], ["dog", "puppy"]]), lambda: iter(entries))
+    assert path.read_bytes() == first_bytes  # same entries, same bytes
 
     coco = COCO(str(path))
     assert sorted(coco.getImgIds()) == [1, 2, 3]
@@ -362,37 +369,18 @@ def test_running_coco_writer(tmp_path: Path) -> None:
     assert np.array_equal(results.annToMask(results.loadAnns(3)[0]).astype(bool), ~first)
 
 
-def test_running_coco_writer_publishes_nothing_when_the_block_fails(tmp_path: Path) -> None:
-    path = tmp_path / "coco.json"
-    with pytest.raises(KeyboardInterrupt):
-        with RunningCocoWriter(path, ["cat"]) as writer:
-            writer.add_image("a.jpg", 4, 4, [(0, np.ones((4, 4), bool), 0.5)])
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def test_jsonl_manifest(tmp_path: Path) -> None:
+def test_write_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "manifest.jsonl"
-    with JsonlManifest(path) as manifest:
-        manifest.write({"image": "a.jpg", "ok": True, "seconds": np.float32(0.5)})
-        # Every completed line is on disk while the run is still going.
-        assert json.loads((tmp_path / "manifest.jsonl.part").read_text())["image"] == "a.jpg"
-        assert not path.exists()
-        manifest.write({"image": "b.jpg", "ok": False, "error": "cannot read image b.jpg: x\ny"})
-    assert not (tmp_path / "manifest.jsonl.part").exists()
+    write_jsonl(path, iter([{"image": "a.jpg", "ok": True, "x": np.float32(0.5)}, {"image": "b.jpg", "ok": False}]))
     lines = path.read_text().splitlines()
     assert [json.loads(line)["image"] for line in lines] == ["a.jpg", "b.jpg"]
-    assert json.loads(lines[0])["seconds"] == 0.5
+    assert json.loads(lines[0])["x"] == 0.5
 
+    def failing():
+        yield {"image": "c.jpg"}
+        raise KeyboardInterrupt
 
-def test_jsonl_manifest_keeps_part_file_when_the_run_fails(tmp_path: Path) -> None:
-    path = tmp_path / "manifest.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        with JsonlManifest(path) as manifest:
-            manifest.write({"image": "a.jpg"})
-            raise KeyboardInterrupt
-    assert not path.exists()
-    assert json.loads((tmp_path / "manifest.jsonl.part").read_text()) == {"image": "a.jpg"}
+        write_jsonl(path, failing())
+    assert [json.loads(line)["image"] for line in path.read_text().splitlines()] == ["a.jpg", "b.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl"]

@@ -218,10 +218,15 @@ def test_an_interrupted_run_publishes_neither_manifest_nor_coco(tmp_path, seeded
     with pytest.raises(KeyboardInterrupt):
         segment_images(segmenter, InputWalk([str(tmp_path / "in")]), parse_class_list("cat"), out)
     assert not (out / "manifest.jsonl").exists() and not (out / "coco.json").exists()
-    done = [json.loads(line)["rel"] for line in (out / "manifest.jsonl.part").read_text().splitlines()]
-    assert done == ["0.jpg", "1.jpg"]
     assert sorted(p.name for p in (out / "labels").iterdir()) == ["0.png", "1.png"]
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.is_file()]  # no spool or temp file
+    assert not [p for p in out.rglob("*.tmp")]  # no temp file left behind
+    # the same run again does the rest only, and publishes
+    calls.clear()
+    segmenter.predict_batch = lambda images, vocabulary, **kw: calls.append(1) or real(images, vocabulary, **kw)
+    summary = segment_images(segmenter, InputWalk([str(tmp_path / "in")]), parse_class_list("cat"), out)
+    assert summary.images_reused == 2 and summary.images_ok == 2 and len(calls) == 2
+    assert [json.loads(line)["rel"] for line in (out / "manifest.jsonl").read_text().splitlines()] == \
+        ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
 
 
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path, seeded_san, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator, Literal
@@ -58,6 +59,21 @@ def atomic_open(
         _remove_quietly(temp)
         raise
     _fsync_directory(target.parent)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete the temp files that writers killed mid-write (SIGKILL, power loss) left under
+    ``folder``; call only while no writer is active there. Returns how many were removed."""
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if _TEMP_NAME.match(name):
+                _remove_quietly(Path(root) / name)
+                removed += 1
+    return removed
 
 
 def _create_temp(target: Path) -> tuple[Path, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Iterator, Sequence, TextIO
 
@@ -56,16 +56,31 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
 # --------------------------------------------------------------------------- discovery
 
 
-def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None,
-                skipped: Counter | None = None) -> Iterator[InputImage]:
+@dataclass
+class WalkLog:
+    """What a walk passed over: files that are not images (by extension), and inputs inside an
+    excluded folder (the run's own output folder)."""
+
+    skipped: Counter = field(default_factory=Counter)
+    excluded: int = 0
+    excluded_examples: list[str] = field(default_factory=list)
+
+    def exclude(self, path: str | Path) -> None:
+        self.excluded += 1
+        if len(self.excluded_examples) < 5:
+            self.excluded_examples.append(str(path))
+
+
+def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None, log: WalkLog | None = None,
+                exclude: Sequence[str | Path] = ()) -> Iterator[InputImage]:
     """Yield the images named by CLI arguments, lazily and in a deterministic order.
 
     Each argument is a file, a directory (walked recursively in sorted order, image
     extensions only, hidden entries skipped) or ``-`` for newline-separated paths read from
     ``stdin``. Explicit arguments are checked up front so a typo fails before any work;
     paths read from stdin that do not exist, and folders that cannot be listed, are yielded
-    with their ``error`` set. Files a walk passes over because their extension is not an
-    image's are counted in ``skipped`` (by extension).
+    with their ``error`` set. Folders in ``exclude`` are not entered and files inside them
+    not yielded (a run never reads its own outputs). ``log`` counts what was passed over.
 
     Outputs are named after ``rel`` without its extension, so two inputs whose ``rel``
     differ only in extension or letter case (``a.jpg``, ``A.png``) would clash: later ones
@@ -77,34 +92,47 @@ def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None,
         if arg != "-" and not os.path.exists(arg):
             raise InputError(f"input not found: {arg}")
     run_wide: set[str] | None = set() if len(paths) != 1 or paths[0] == "-" else None
-    skipped = skipped if skipped is not None else Counter()
+    walk = _Walk(log if log is not None else WalkLog(), tuple(os.path.realpath(e) for e in exclude))
     for arg in paths:
         sources = _iter_stdin_paths(stdin if stdin is not None else sys.stdin) if arg == "-" else [arg]
         for source in sources:
-            yield from _expand(source, run_wide, skipped)
+            yield from walk.expand(source, run_wide)
 
 
 class InputWalk:
     """The inputs of one run (see :func:`iter_inputs`), re-iterable, remembering what the walk
-    skipped so a run that finds nothing can say what it found instead."""
+    passed over so a run that finds nothing can say what it found instead."""
 
-    def __init__(self, paths: Sequence[str], stdin: TextIO | None = None):
+    def __init__(self, paths: Sequence[str], stdin: TextIO | None = None, exclude: Sequence[str | Path] = ()):
         self.paths = list(paths)
         self.stdin = stdin
-        self.skipped: Counter = Counter()
+        self.exclude = list(exclude)
+        self.log = WalkLog()
 
     def __iter__(self) -> Iterator[InputImage]:
-        self.skipped.clear()
-        return iter_inputs(self.paths, self.stdin, self.skipped)
+        self.log = WalkLog()
+        return iter_inputs(self.paths, self.stdin, self.log, self.exclude)
 
     def skipped_text(self) -> str:
         """``"3 .heic, 1 .gif"``: the files passed over, by extension (most frequent first)."""
-        return ", ".join(f"{n} {ext}" for ext, n in self.skipped.most_common())
+        return ", ".join(f"{n} {ext}" for ext, n in self.log.skipped.most_common())
+
+    def excluded_text(self) -> str:
+        """A warning naming the inputs left out because they lie in an excluded folder."""
+        if not self.log.excluded:
+            return ""
+        where = ", ".join(str(e) for e in self.exclude)
+        examples = ", ".join(self.log.excluded_examples)
+        return (f"left out {self.log.excluded} input(s) inside the output folder {where} "
+                f"(a run never reads its own outputs): {examples}{', ...' if self.log.excluded > 5 else ''}")
 
     def nothing_found(self) -> InputError:
         """The error for a run whose inputs hold no image file."""
         where = ", ".join("stdin" if p == "-" else p for p in self.paths)
-        found = f"; skipped {sum(self.skipped.values())} other files ({self.skipped_text()})" if self.skipped else ""
+        skipped = self.log.skipped
+        found = f"; skipped {sum(skipped.values())} other files ({self.skipped_text()})" if skipped else ""
+        if self.log.excluded:
+            found += f"; {self.log.excluded} inside the output folder were left out"
         supported = ", ".join(sorted(IMAGE_EXTENSIONS))
         return InputError(f"no image found in {where}{found}; supported: {supported}")
 
@@ -117,14 +145,70 @@ def _iter_stdin_paths(stream: TextIO) -> Iterator[str]:
             yield line
 
 
-def _expand(source: str, used: set[str] | None, skipped: Counter) -> Iterator[InputImage]:
-    """One argument -> its images (itself if it is a file, its tree if a directory)."""
-    path = Path(source)
-    if path.is_dir():
-        yield from _walk(path, path, set(), used, skipped)
-        return
-    rel = _unique_rel(_rel_for_file(path), used if used is not None else set())
-    yield InputImage(path, rel, None if path.exists() else f"input not found: {source}")
+class _Walk:
+    """One run's walk: the log it fills and the folders it must not enter."""
+
+    def __init__(self, log: WalkLog, exclude: tuple[str, ...]):
+        self.log = log
+        self.exclude = exclude
+
+    def excluded(self, path: Path) -> bool:
+        if not self.exclude:
+            return False
+        real = os.path.realpath(path)
+        return any(real == e or real.startswith(e + os.sep) for e in self.exclude)
+
+    def expand(self, source: str, used: set[str] | None) -> Iterator[InputImage]:
+        """One argument -> its images (itself if it is a file, its tree if a directory)."""
+        path = Path(source)
+        if self.excluded(path):
+            self.log.exclude(path)
+            return
+        if path.is_dir():
+            yield from self.walk(path, path, set(), used)
+            return
+        rel = _unique_rel(_rel_for_file(path), used if used is not None else set())
+        yield InputImage(path, rel, None if path.exists() else f"input not found: {source}")
+
+    def walk(self, root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None) -> Iterator[InputImage]:
+        """Depth-first walk of ``directory`` in name order, one directory listing at a time.
+
+        ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
+        are not followed forever; ``used`` is the run-wide set of output names, or None to
+        deduplicate within this folder only. A folder that cannot be listed is yielded as a
+        failed input; the walk goes on with its siblings.
+        """
+        try:
+            stat = directory.stat()
+            key = (stat.st_dev, stat.st_ino)
+            if key in seen:
+                return
+            seen.add(key)
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            rel = directory.relative_to(root) if directory != root else Path(directory.name)
+            yield InputImage(directory, rel, f"cannot list directory {directory}: {error.strerror or error}")
+            return
+        local = used if used is not None else set()
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                if self.excluded(path):
+                    self.log.exclude(path)
+                else:
+                    yield from self.walk(root, path, seen, used)
+            elif not is_image_path(entry.name):
+                self.log.skipped[PurePath(entry.name).suffix.lower() or "(no extension)"] += 1
+            elif path.exists():
+                yield InputImage(path, _unique_rel(path.relative_to(root), local))
+        seen.discard(key)
 
 
 def _rel_for_file(path: Path) -> Path:
@@ -132,45 +216,6 @@ def _rel_for_file(path: Path) -> Path:
     if path.is_absolute() or ".." in path.parts or not path.parts:
         return Path(path.name)
     return path
-
-
-def _walk(root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None,
-          skipped: Counter) -> Iterator[InputImage]:
-    """Depth-first walk of ``directory`` in name order, one directory listing at a time.
-
-    ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
-    are not followed forever; ``used`` is the run-wide set of output names, or None to
-    deduplicate within this folder only. A folder that cannot be listed is yielded as a
-    failed input; the walk goes on with its siblings.
-    """
-    try:
-        stat = directory.stat()
-        key = (stat.st_dev, stat.st_ino)
-        if key in seen:
-            return
-        seen.add(key)
-        with os.scandir(directory) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
-    except OSError as error:
-        rel = directory.relative_to(root) if directory != root else Path(directory.name)
-        yield InputImage(directory, rel, f"cannot list directory {directory}: {error.strerror or error}")
-        return
-    local = used if used is not None else set()
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        path = Path(entry.path)
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            continue
-        if is_dir:
-            yield from _walk(root, path, seen, used, skipped)
-        elif not is_image_path(entry.name):
-            skipped[PurePath(entry.name).suffix.lower() or "(no extension)"] += 1
-        elif path.exists():
-            yield InputImage(path, _unique_rel(path.relative_to(root), local))
-    seen.discard(key)
 
 
 def _unique_rel(rel: Path, used: set[str]) -> Path:

@@ -1,20 +1,14 @@
 """Writing what a run produces: label PNGs, a legend, overlays, COCO results, a manifest.
 
-Every file is written atomically (see :mod:`ovss_cli.io.atomic`), and the two writers that
-live for a whole run (:class:`RunningCocoWriter`, :class:`JsonlManifest`) keep memory flat
-and keep completed work on disk, so a run over a million images neither grows nor loses
-what it already did.
+Every file is written atomically (see :mod:`ovss_cli.io.atomic`). The run-wide files (COCO
+results, the JSONL manifest) are written in one go from streamed entries, so memory stays flat
+however many images a run has, and the same entries always give the same bytes.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import json
 import os
-import tempfile
-from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -240,202 +234,69 @@ def _draw_class_name(out: np.ndarray, mask: np.ndarray, name: str, base_scale: f
 # --------------------------------------------------------------------------- COCO results
 
 
-class RunningCocoWriter:
-    """COCO-format results for a whole run, built without holding them in memory.
-
-    Images and annotations are spooled as JSON lines to anonymous temp files beside the
-    output; :meth:`close` streams them into the final JSON (atomically) and drops the
-    spools. The file loads with ``pycocotools.coco.COCO`` and its ``annotations`` list
-    works with ``COCO.loadRes``. A ``with`` block left by an exception discards the spools
-    (:meth:`discard`): a file that looks complete is written only for a completed run.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        class_names: Sequence[str],
-        class_synonyms: Sequence[Sequence[str]] | None = None,
-    ) -> None:
-        if class_synonyms is not None and len(class_synonyms) != len(class_names):
-            raise ValueError(
-                f"{len(class_synonyms)} synonym lists for {len(class_names)} class names"
-            )
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._categories = []
-        for index, name in enumerate(class_names):
-            category: dict[str, Any] = {"id": index + 1, "name": name, "supercategory": "ovss"}
-            if class_synonyms is not None:
-                category["synonyms"] = list(class_synonyms[index])
-            self._categories.append(category)
-        self._images = self._spool("images")
-        self._annotations = self._spool("annotations")
-        self._next_image_id = 1
-        self._next_annotation_id = 1
-        self._closed = False
-
-    def _spool(self, kind: str) -> IO[str]:
-        """An anonymous temp file next to the output (same disk, vanishes when closed)."""
-        return tempfile.TemporaryFile(
-            "w+", encoding="utf-8", newline="\n", dir=self.path.parent,
-            prefix=f".{self.path.name}.", suffix=f".{kind}.jsonl",
-        )
-
-    def add_image(self, file_name: str, height: int, width: int,
-                  regions: Sequence[tuple[int, np.ndarray, float]] = ()) -> int:
-        """Add an image and its regions (class index, H x W mask, score) as RLE-encoded
-        results; returns the image's COCO id (1, 2, ...), annotations are numbered on from 1.
-        Every region is checked and encoded before anything is written, so an invalid one
-        leaves no trace of the image."""
-        self._check_open()
-        image_id = self._next_image_id
-        records = [self._annotation(image_id, (int(height), int(width)), *region) for region in regions]
-        record = {"id": image_id, "file_name": str(file_name), "height": int(height), "width": int(width)}
-        self._images.write(json.dumps(record, ensure_ascii=False) + "\n")
-        for annotation in records:
-            annotation["id"] = self._next_annotation_id
-            self._next_annotation_id += 1
-            self._annotations.write(json.dumps(annotation) + "\n")
-        self._next_image_id += 1
-        return image_id
-
-    def _annotation(self, image_id: int, size: tuple[int, int], class_index: int, mask: np.ndarray,
-                    score: float) -> dict[str, Any]:
-        if not 0 <= class_index < len(self._categories):
-            raise ValueError(f"class index {class_index} out of range 0..{len(self._categories) - 1}")
-        mask = np.asarray(mask)
-        if mask.shape != size:
-            raise ValueError(f"mask shape {mask.shape} does not match image {image_id} size {size}")
-        score = float(score)
-        if not np.isfinite(score):
-            raise ValueError(f"score must be finite, got {score}")
-        rle = mask_utils.encode(np.asfortranarray((mask != 0).astype(np.uint8)))
-        return {
-            "id": 0,
-            "image_id": int(image_id),
-            "category_id": int(class_index) + 1,
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "area": float(mask_utils.area(rle)),
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-            "score": score,
-            "iscrowd": 0,
-        }
-
-    def close(self) -> None:
-        """Write the final JSON atomically and delete the spools; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            info = {
-                "description": "ovss predictions",
-                "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            with atomic_open(self.path, "w") as out:
-                out.write('{"info": ' + json.dumps(info) + ',\n"images": [')
-                _copy_json_lines(self._images, out)
-                out.write('],\n"categories": ' + json.dumps(self._categories, ensure_ascii=False))
-                out.write(',\n"annotations": [')
-                _copy_json_lines(self._annotations, out)
-                out.write("]}\n")
-        finally:
-            self._images.close()
-            self._annotations.close()
-
-    def discard(self) -> None:
-        """Drop what was collected without writing the JSON; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        self._images.close()
-        self._annotations.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"COCO writer for {self.path} is already closed")
-
-    def __enter__(self) -> RunningCocoWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
+def coco_categories(class_names: Sequence[str], class_synonyms: Sequence[Sequence[str]] | None = None) -> list[dict]:
+    """COCO ``categories``: id = class index + 1, with each class's names as synonyms."""
+    if class_synonyms is not None and len(class_synonyms) != len(class_names):
+        raise ValueError(f"{len(class_synonyms)} synonym lists for {len(class_names)} class names")
+    categories = []
+    for index, name in enumerate(class_names):
+        category: dict[str, Any] = {"id": index + 1, "name": name, "supercategory": "ovss"}
+        if class_synonyms is not None:
+            category["synonyms"] = list(class_synonyms[index])
+        categories.append(category)
+    return categories
 
 
-def _copy_json_lines(spool: IO[str], out: IO[str]) -> None:
-    """Stream a JSON-lines spool into ``out`` as the items of a JSON array."""
-    spool.seek(0)
-    separator = "\n"
-    for line in spool:
-        line = line.rstrip("\n")
-        if line:
-            out.write(separator + line)
+def coco_annotation(class_index: int, mask: np.ndarray, score: float, num_classes: int) -> dict[str, Any]:
+    """One region as a COCO result (RLE mask, area, bbox, score), without ``id``/``image_id``
+    (numbered when the file is written)."""
+    if not 0 <= class_index < num_classes:
+        raise ValueError(f"class index {class_index} out of range 0..{num_classes - 1}")
+    score = float(score)
+    if not np.isfinite(score):
+        raise ValueError(f"score must be finite, got {score}")
+    rle = mask_utils.encode(np.asfortranarray((np.asarray(mask) != 0).astype(np.uint8)))
+    return {
+        "category_id": int(class_index) + 1,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "score": score,
+        "iscrowd": 0,
+    }
+
+
+def write_coco(path: str | os.PathLike[str], categories: list[dict],
+               entries: Callable[[], Iterable[tuple[dict[str, Any], list[dict[str, Any]]]]]) -> None:
+    """Write COCO results atomically from ``entries()``: (image without id, its annotations
+    without ids) in order; images are numbered 1, 2, ... in that order and annotations 1, 2, ...
+    across them, so the same entries always give the same bytes. ``entries`` is called twice
+    (images, then annotations), so nothing is held in memory. The file loads with
+    ``pycocotools.coco.COCO`` and its ``annotations`` work with ``COCO.loadRes``."""
+    with atomic_open(path, "w") as out:
+        out.write('{"info": {"description": "ovss predictions"},\n"images": [')
+        separator = "\n"
+        for image_id, (image, _) in enumerate(entries(), start=1):
+            out.write(separator + json.dumps({"id": image_id, **image}, ensure_ascii=False))
             separator = ",\n"
+        out.write('],\n"categories": ' + json.dumps(categories, ensure_ascii=False) + ',\n"annotations": [')
+        separator, annotation_id = "\n", 0
+        for image_id, (_, annotations) in enumerate(entries(), start=1):
+            for annotation in annotations:
+                annotation_id += 1
+                out.write(separator + json.dumps({"id": annotation_id, "image_id": image_id, **annotation}))
+                separator = ",\n"
+        out.write("]}\n")
 
 
 # --------------------------------------------------------------------------- manifest
 
 
-class JsonlManifest:
-    """One JSON line per processed image, flushed as it is written.
-
-    Lines go to ``<path>.part`` while the run is going; :meth:`close` renames it to
-    ``path``. If the process dies, or a ``with`` block ends in an exception, the ``.part``
-    stays with every completed line, and the missing final name shows the run did not end.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.part_path = self.path.with_name(self.path.name + ".part")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.part_path, "w", encoding="utf-8", newline="\n")
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line and flush it to the OS."""
-        if self._file is None:
-            raise ValueError(f"manifest {self.path} is already closed")
-        self._file.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        """Sync the ``.part`` and rename it to the final path; a second call does nothing."""
-        if self._file is None:
-            return
-        handle, self._file = self._file, None
-        with handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(self.part_path, self.path)
-
-    def abandon(self) -> None:
-        """Close without renaming: the ``.part`` stays as the record of an unfinished run."""
-        if self._file is None:
-            return
-        handle, self._file = self._file, None
-        with contextlib.suppress(OSError), handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def __enter__(self) -> JsonlManifest:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
+    """Write one JSON object per line, atomically, streaming ``records``."""
+    with atomic_open(path, "w") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,127 @@
+"""Many processes under ``torchrun``: one process per device, each taking its rank's share.
+
+``torchrun --nproc-per-node K [--nnodes N ...] -m ovss_cli segment|evaluate ...`` starts K
+processes per machine with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set; :func:`start`
+joins them into a process group (NCCL when the processes run on GPUs, gloo on CPUs), and
+``--device cuda`` then means the rank's own GPU, ``cuda:LOCAL_RANK``. Rank 0 prints and
+writes the shared files; results are combined with collectives (confusion matrices summed,
+summaries gathered). Without torchrun everything here is a no-op for a single process.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+
+_PROGRESS_KEY = "ovss/progress"
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class Distributed:
+    """This process's place in the run: rank ``rank`` of ``world`` (``local_rank`` on its
+    machine); collectives are no-ops when ``world == 1``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> str:
+        """The device this rank runs on: ``cuda`` (or ``auto`` with GPUs) means its own GPU."""
+        name = (requested or "auto").strip().lower()
+        if not self.enabled or name == "cpu":
+            return name
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+            if self.local_rank >= torch.cuda.device_count():
+                raise UsageError(f"local rank {self.local_rank} has no GPU: this machine has "
+                                 f"{torch.cuda.device_count()}; start at most that many processes per node")
+            return f"cuda:{self.local_rank}"
+        return name
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise sum over ranks (int64 counts stay exact)."""
+        if not self.enabled:
+            return array
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.comm_device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor.cpu().numpy()
+
+    # progress for all ranks, shown by rank 0: a counter in the process group's key-value store
+    def _store(self):
+        try:
+            return torch.distributed.distributed_c10d._get_default_store()
+        except Exception:  # private API; without it rank 0 shows its own progress only
+            return None
+
+    def add_progress(self, count: int = 1) -> int:
+        """Count ``count`` finished inputs; returns the total over all ranks so far."""
+        store = self._store() if self.enabled else None
+        if store is None:
+            return count
+        return int(store.add(_PROGRESS_KEY, count))
+
+    def stop(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def start(requested_device: str = "auto") -> Distributed:
+    """Join the torchrun process group (a no-op single-process context otherwise)."""
+    if not launched_by_torchrun():
+        return Distributed()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    ctx = Distributed(rank, world, local_rank)
+    device = ctx.device(requested_device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        ctx.backend, ctx.comm_device = "nccl", torch.device(device)
+    else:
+        ctx.backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(ctx.backend, timeout=_dt.timedelta(hours=2))
+    return ctx
