@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.ovss-installed
 # Reference outputs of the official implementations (parity tests); CI sets it explicitly.
 export OVSS_REFERENCE_DIR ?= $(wildcard $(abspath ../shared/reference))
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench report-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_segment.py
+
+# Render a small comparison report in headless Chromium (installed from Debian when missing) and
+# fail on errors or loads from outside its folder; look at outputs/report-check/report.png.
+report-check: install
+	$(BIN)/python tests/report_check.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

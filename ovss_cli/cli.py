@@ -441,10 +441,75 @@ def train_san(ctx: typer.Context) -> None:
     _run(_not_implemented("train-san"))
 
 
-@app.command(context_settings=_PASS_THROUGH)
-def compare(ctx: typer.Context) -> None:
-    """Compare methods on the same images (not implemented yet)."""
-    _run(_not_implemented("compare"))
+@app.command()
+@with_model_options
+def compare(
+    paths: Optional[List[str]] = typer.Argument(None, help="Image files or folders to compare on (no ground truth; give --classes)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A benchmark to compare on (see `ovss datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default $DETECTRON2_DATASETS, else ./datasets)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Generic layout: folder of images (with --labels and --classes-file)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Generic layout: folder of label PNGs/TIFFs."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="With --images: the label names, one per line; with PATHs: the vocabulary file."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help='With PATHs: comma-separated class names, e.g. "cat,sofa".'),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Methods compared with their defaults (default san,sam when no --variant is given)."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help='An entry: "LABEL=METHOD:option=value,..." with load_segmenter keywords, e.g. "blur=sam:region=blur". Repeatable.'),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Compare on the first N images of the dataset."),
+    subset: Optional[float] = typer.Option(None, "--subset", help="Compare on an evenly spread fraction of the dataset."),
+    vocabulary_file: Optional[Path] = typer.Option(None, "--vocabulary-file", help="With a dataset: segment with this vocabulary instead (scored by semantic similarity)."),
+    synonyms: str = typer.Option("whole", "--synonyms", help="Dataset class names: whole | split (as in evaluate)."),
+    distractors: Optional[str] = typer.Option(None, "--distractors", help="coco-all | coco-stuff | none | FILE (default: none with a dataset, coco-all with PATHs, as evaluate and segment)."),
+    sheets: Optional[int] = typer.Option(None, "--sheets", min=0, help="Contact sheets for the first N images only (default: every image)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Compare on shard i of n (0-based); `ovss merge` joins the shards' folders."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run every entry again (default: reuse entries already complete with the same settings)."),
+    out: Path = typer.Option(Path("ovss_compare"), "--out", "-o", help="Output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+    model_options: dict = None,  # type: ignore[assignment]
+) -> None:
+    """Compare methods and variants on the same images: accuracy, speed, memory, pictures, one report."""
+
+    def body() -> int:
+        import shlex
+
+        from .compare import Source, compare as run_compare, parse_entries
+        from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names
+        from .distractors import distractor_names
+        from .errors import UsageError
+        from .reporting import image_progress, print_comparison
+        from .runs.shards import parse_shard
+        from .vocabulary import load_vocabulary, read_class_file
+
+        given = [name for name, value in (("PATH", paths), ("--dataset", dataset), ("--images", images)) if value]
+        if len(given) != 1:
+            raise UsageError("compare on one of: --dataset NAME, --images DIR --labels DIR --classes-file F, "
+                             'or PATH... --classes "a,b"')
+        # every entry is checked before any model loads
+        _, base = segmenter_arguments(model_options, True)
+        entries = parse_entries(methods, variant or [], base)
+        if paths:
+            if "-" in paths:
+                raise UsageError("compare reads each image once per entry: give files or folders, not - (stdin)")
+            vocab = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors or "coco-all"))
+            source = Source(paths=list(paths), vocabulary=vocab)
+        else:
+            if dataset is not None:
+                data = open_dataset(dataset, dataset_root(str(data_root) if data_root else None))
+            else:
+                if labels is None or classes_file is None:
+                    raise UsageError("--images needs --labels DIR and --classes-file F")
+                data = generic_dataset(images, labels, read_class_names(classes_file))
+            source = Source(dataset=data, vocabulary=read_class_file(vocabulary_file) if vocabulary_file else None,
+                            synonyms=synonyms, distractors=distractor_names(distractors or "none"), limit=limit,
+                            subset=subset)
+        share = parse_shard(shard)
+        show = not quiet
+        summary = run_compare(entries, source, out, share=share, overwrite=overwrite, sheets=sheets,
+                              command=shlex.join(["ovss", *sys.argv[1:]]), quiet=not show,
+                              progress=lambda entry, total: image_progress(total, enabled=show, label=entry.label))
+        if show:
+            print_comparison(summary, out)
+        return EXIT_SOME_FAILED if any(e["failed"] for e in summary["entries"]) else 0
+
+    _run(body)
 
 
 def main() -> None:

@@ -196,3 +196,50 @@ def print_zoo(rows: list[dict], cache, console: Console | None = None) -> None:
         cells = [row["name"], row["kind"], row["size"], "yes" if row["cached"] else "no"]
         table.add_row(*cells, *([row["url"]] if show_url else []))
     console.print(table)
+
+
+def print_comparison(summary: dict, out_dir, console: Console | None = None) -> None:
+    """`ovss compare`'s tables on stdout: one row per entry, the gains and losses between the
+    first two, and (several entries) how often they label a pixel alike."""
+    from .compare.report import metric_columns, metric_value
+
+    console = console or Console()
+    metrics = metric_columns(summary)
+    table = Table(title=f"ovss compare: {summary.get('subject', '')} ({summary['images']} images)")
+    for col in ("entry", "method", "model"):
+        table.add_column(col)
+    for title, _ in metrics:
+        table.add_column(title, justify="right")
+    for col in ("images/s", "s/image", "p95", "peak MiB", "params (M)", "failed"):
+        table.add_column(col, justify="right")
+
+    def num(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for e in summary["entries"]:
+        cells = [e["label"], e["method"], str(e.get("model") or "")]
+        cells += [num(metric_value(e, key), 4 if key.startswith("similarity") else 2) for _, key in metrics]
+        cells += [num(e["images_per_second"]), num(e["seconds_per_image"], 3), num(e["seconds_per_image_p95"], 3),
+                  f"{e['peak_memory_mib']:.0f} {e['memory']}", f"{e['parameters'] / 1e6:.1f}", str(e["failed"])]
+        table.add_row(*cells)
+    console.print(table)
+    changes = summary.get("gains_and_losses")
+    if changes and (changes["gains"] or changes["losses"]):
+        diff = Table(title=f"IoU: {changes['second']} against {changes['first']}")
+        for col, justify in (("class", "left"), ("change", "right"), (changes["first"], "right"),
+                             (changes["second"], "right")):
+            diff.add_column(col, justify=justify)
+        for c in changes["gains"] + changes["losses"]:
+            colour = "green" if c["change"] > 0 else "red"
+            diff.add_row(c["class"], f"[{colour}]{c['change']:+.2f}[/{colour}]", num(c["first"]), num(c["second"]))
+        console.print(diff)
+    agree = summary["agreement"]
+    if len(agree["labels"]) > 1:
+        same = Table(title="pixels labelled alike (%)")
+        same.add_column("")
+        for label in agree["labels"]:
+            same.add_column(label, justify="right")
+        for label, line in zip(agree["labels"], agree["fraction"]):
+            same.add_row(label, *[num(None if v is None else 100 * v, 1) for v in line])
+        console.print(same)
+    console.print(f"report: {out_dir}/report.html", highlight=False)

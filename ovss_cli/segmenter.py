@@ -87,6 +87,18 @@ class Segmenter(ABC):
         """A short JSON-able description for manifests and tables."""
         return {"method": self.method, "model": self.model_name}
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The networks the method runs (for parameter counts)."""
+        return []
+
+    def num_parameters(self) -> int:
+        """Parameters of all its networks, each counted once."""
+        seen: dict[int, int] = {}
+        for net in self.networks():
+            for param in net.parameters():
+                seen[id(param)] = param.numel()
+        return sum(seen.values())
+
 
 # method name -> "module:function" building a Segmenter; imported on first use so that
 # `ovss --help` does not pay for importing every model.

@@ -46,7 +46,7 @@ def test_help_lists_the_commands():
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["train-san", "compare"])
+@pytest.mark.parametrize("command", ["train-san"])
 def test_unbuilt_commands_say_so(command):
     result = invoke(command, "--dataset", "pc59")
     assert result.exit_code != 0

@@ -33,12 +33,14 @@ class MergeResult:
 
 
 def _kind(folder: Path) -> str:
+    if (folder / "compare.json").is_file() and (folder / "entries").is_dir():
+        return "compare"
     if (run_state.state_dir(folder) / "run.json").is_file():
         return "segment"
     if (folder / "metrics.json").is_file():
         return "evaluate"
-    raise UsageError(f"{folder} is neither an `ovss segment` output folder (no .ovss/run.json) nor an "
-                     "`ovss evaluate` one (no metrics.json)")
+    raise UsageError(f"{folder} is not an output folder of `ovss segment` (no .ovss/run.json), `ovss evaluate` "
+                     "(no metrics.json) or `ovss compare` (no compare.json)")
 
 
 def merge_folders(sources: Sequence[str | Path], out: str | Path) -> MergeResult:
@@ -54,8 +56,9 @@ def merge_folders(sources: Sequence[str | Path], out: str | Path) -> MergeResult
             raise UsageError(f"--out {out} is one of the folders to merge; merge into a new folder")
     kinds = {_kind(f) for f in folders}
     if len(kinds) > 1:
-        raise UsageError("cannot merge segment and evaluate folders together")
-    return _merge_segment(folders, out) if kinds == {"segment"} else _merge_evaluation(folders, out)
+        raise UsageError(f"cannot merge folders of different commands together ({', '.join(sorted(kinds))})")
+    merge = {"segment": _merge_segment, "evaluate": _merge_evaluation, "compare": _merge_comparison}[kinds.pop()]
+    return merge(folders, out)
 
 
 def _same(values: list[Any], folders: list[Path], what: str) -> Any:
@@ -162,3 +165,65 @@ def _merge_evaluation(folders: list[Path], out: Path) -> MergeResult:
 # metrics.json keys that are not the segmenter's description
 _REPORT_KEYS = {"dataset", "synonyms", "images", "failed", "partial", "seconds", "images_per_second", "failures",
                 "shard", "run", "metrics", "semantic_similarity", "word_class_pixels"}
+
+
+def _merge_comparison(folders: list[Path], out: Path) -> MergeResult:
+    """Each entry's shard folders merged as segment or evaluate folders (with their saved
+    predictions), timings joined, the images and contact sheets gathered, the report rebuilt."""
+    from ..compare import build_report
+    from ..compare.run import ENTRY_FILE, EntryResult, read_entry
+    from ..compare.summary import read_image_rows, write_image_rows
+    from ..io.atomic import atomic_write_text
+
+    infos = [json.loads((f / "compare.json").read_text(encoding="utf-8")) for f in folders]
+    _same([[e["label"] for e in i["entries"]] for i in infos], folders, "entries")
+    shards = [tuple(i["shard"]) if i.get("shard") else None for i in infos]
+    if None in shards or len(set(shards)) < len(shards) or len(folders) < shards[0][1]:
+        raise UsageError("merge every shard of one comparison, each once (its folders' compare.json name their shard)")
+    order = [e["label"] for e in infos[0]["entries"]]
+    results, folder_names = [], []
+    for label in order:
+        name = next(e["folder"] for e in infos[0]["entries"] if e["label"] == label).split("/", 1)[1]
+        parts = [f / "entries" / name for f in folders]
+        stored = [read_entry(p) for p in parts]
+        if any(s is None for s in stored):
+            raise UsageError(f"entry {label!r} is unfinished in one of the shards; run that shard again")
+        identities = [{**s.identity, "shard": None} for s in stored]
+        identity = _same(identities, parts, f"settings for entry {label!r}")
+        target = out / "entries" / name
+        merge_folders(parts, target)
+        for part in parts:  # the label maps the report reads
+            if (part / "predictions").is_dir():
+                for png in (part / "predictions").rglob("*.png"):
+                    dest = target / png.relative_to(part)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(png, dest)
+        first = stored[0]
+        merged = EntryResult(first.label, first.method, first.describe, first.parameters,
+                             sum(s.images for s in stored), sum(s.failed for s in stored),
+                             sum(s.seconds for s in stored), [t for s in stored for t in s.image_seconds],
+                             max(s.peak_memory for s in stored), first.memory_kind,
+                             max(s.load_seconds for s in stored), {**identity, "shard": [0, 1]})
+        atomic_write_text(target / ENTRY_FILE, json.dumps(merged.to_dict(), indent=2) + "\n")
+        results.append(merged)
+        folder_names.append(name)
+    rows = sorted((r for f in folders for r in read_image_rows(f)), key=lambda r: r["pos"])
+    write_image_rows(out, rows)
+    sheets = []
+    for f, info in zip(folders, infos):
+        for rel in info.get("sheets", []):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f / rel, out / rel)
+            sheets.append(rel)
+    info = {k: v for k, v in infos[0].items() if k not in ("entries", "agreement", "images", "gains_and_losses",
+                                                           "sheets", "chart")}
+    info["shard"] = None
+    summary = build_report(out, results, folder_names, rows, info, _sheet_order(sheets, rows))
+    return MergeResult("compare", len(folders), summary["images"],
+                       sum(e["failed"] for e in summary["entries"]), {"report": str(out / "report.html")})
+
+
+def _sheet_order(sheets: list[str], rows: list[dict]) -> list[str]:
+    """Contact sheets in input order."""
+    position = {Path("sheets", r["key"]).with_suffix(".png").as_posix(): r["pos"] for r in rows}
+    return sorted(sheets, key=lambda rel: position.get(rel, len(position)))

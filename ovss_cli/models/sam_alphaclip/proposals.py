@@ -153,8 +153,9 @@ class MaskProposer:
 
     def __init__(self, sam: Sam, options: GeneratorOptions, device: torch.device, precision: str = "fp32"):
         sam = sam.to(device)
-        if precision != "fp32":
+        if precision != "fp32" and not isinstance(sam.image_encoder, AutocastImageEncoder):  # shared: wrap once
             sam.image_encoder = AutocastImageEncoder(sam.image_encoder, device, precision)
+        self.sam = sam
         self.options = options
         self.generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **asdict(options))
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
 from ...errors import UsageError
+from ...shared_models import file_key, shared
 from ...runtime import autocast, cast_matmul_weights, resolve_device, resolve_precision
 from ...segmenter import Prediction, Segmenter
 from ...vocabulary import Vocabulary, as_vocabulary
@@ -127,6 +128,9 @@ class SamAlphaClipSegmenter(Segmenter):
                 "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill,
                 "min_score": self.min_score}
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.proposer.sam, self.classifier.model]
+
     def can_label_other(self, vocabulary: Vocabulary) -> bool:
         return bool(vocabulary.distractors) or self.min_score > 0
 
@@ -214,8 +218,12 @@ def build_sam_alphaclip_segmenter(
     else:
         clip_path = resolve_weights(None, clip_weights, default="", progress=progress)
     sam_path = resolve_weights(sam_model, sam_weights, default=DEFAULT_SAM, progress=progress)
-    alpha_clip = load_alpha_clip(clip_path, alpha_state, device=dev, clip_config=clip_config, alpha_source=str(alpha_path))
-    proposer = MaskProposer(load_sam(sam_path), options, dev, prec)
+    # variants of one comparison share the networks (classifier and proposer cast them in place)
+    alpha_clip = shared(("alpha-clip", file_key(clip_path), file_key(alpha_path), repr(clip_config), str(dev), prec),
+                        lambda: load_alpha_clip(clip_path, alpha_state, device=dev, clip_config=clip_config,
+                                                alpha_source=str(alpha_path)))
+    sam = shared(("sam", file_key(sam_path), str(dev), prec), lambda: load_sam(sam_path))
+    proposer = MaskProposer(sam, options, dev, prec)
     if mask_batch_size is None:  # measured best on a 2-core AVX512 CPU; GPUs want big batches
         mask_batch_size = 8 if dev.type == "cpu" else 64
     classifier = MaskClassifier(alpha_clip, dev, prec, get_templates(templates or DEFAULT_TEMPLATES),

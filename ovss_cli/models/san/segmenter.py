@@ -5,6 +5,7 @@ input image's size (built band by band, see :mod:`.postprocess`).
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import Tensor
 from ...clip.model import load_clip_config
 from ...clip.templates import get_templates
 from ...clip.text import PromptEncoder
+from ...shared_models import file_key, shared
 from ...runtime import autocast, cast_matmul_weights, resolve_device, resolve_precision
 from ...segmenter import Prediction, Segmenter
 from ...vocabulary import Vocabulary, as_vocabulary
@@ -97,6 +99,9 @@ class SanSegmenter(Segmenter):
         self.pixel_mean = torch.tensor([255.0 * m for m in CLIP_MEAN], device=device).view(3, 1, 1)
         self.pixel_std = torch.tensor([255.0 * s for s in CLIP_STD], device=device).view(3, 1, 1)
         self._classifiers: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
+
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision, "resize_short": self.resize_short,
@@ -200,20 +205,27 @@ def build_san_segmenter(
     name = model or DEFAULT_MODEL
     cfg = get_san_config(name)
     path = resolve_weights(name, weights, default=DEFAULT_MODEL, progress=progress)
-    state, stored = read_san_checkpoint(path)
-    if stored is not None:
-        cfg = SanConfig.from_dict(stored)
-    if clip_config is not None:
-        cfg = cfg.with_clip(load_clip_config(clip_config))
-    with torch.device("meta"):
-        net = SanModel(cfg)
-    load_san_weights(net, state, str(path), name)
+    clip = load_clip_config(clip_config) if clip_config is not None else None
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+
+    def load() -> SanModel:
+        state, stored = read_san_checkpoint(path)
+        config = SanConfig.from_dict(stored) if stored is not None else cfg
+        if clip is not None:
+            config = config.with_clip(clip)
+        with torch.device("meta"):
+            net = SanModel(config)
+        load_san_weights(net, state, str(path), name)
+        return net
+
+    # variants of one comparison share the network (the segmenter moves and casts it in place)
+    net = shared(("san", name, file_key(path), json.dumps(clip, sort_keys=True), str(dev), prec), load)
     return SanSegmenter(
         net,
         model_name=name,
         device=dev,
-        precision=resolve_precision(precision, dev),
+        precision=prec,
         resize_short=resize_short,
         templates=templates,
         tta=tta,
