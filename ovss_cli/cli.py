@@ -9,14 +9,18 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional, get_type_hints
 
 import typer
 
-from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError
+from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError, OvssWarning
+from .io.atomic import ensure_output_folder
 
 app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
@@ -39,8 +43,31 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so a run stops as cleanly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings as one ``warning:`` line; others as Python prints them."""
+    if issubclass(category, OvssWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def _run(fn: Callable[[], int]) -> None:
-    """Run a command body; OvssError -> one line + its exit code; Ctrl-C -> 130."""
+    """Run a command body; OvssError -> one line + its exit code; Ctrl-C -> 130, SIGTERM -> 143
+    (completed work is kept and nothing is left half-written: writes are atomic)."""
+    warnings.showwarning = _show_warning
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         code = fn()
     except OvssError as err:
@@ -49,8 +76,14 @@ def _run(fn: Callable[[], int]) -> None:
         _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except Terminated:
+        _fail("terminated", 143)
     else:
         raise typer.Exit(code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = _python_showwarning
 
 
 def _print_version(value: bool) -> None:
@@ -217,6 +250,7 @@ def segment(
         total = None if "-" in paths else sum(1 for pos, _ in enumerate(walk) if share.takes(pos))
         if total == 0 and next(iter(walk), None) is None:
             raise walk.nothing_found()
+        ensure_output_folder(out)  # a read-only or mistyped --out fails before a model loads
         dist = start_distributed(model_options)
         try:
             segmenter = build_segmenter(model_options, quiet or not dist.is_main)
@@ -290,6 +324,9 @@ def evaluate(
         per_image = load_per_image_vocabulary(per_image_vocabulary) if per_image_vocabulary else None
         out_dir = out or Path("ovss_eval") / data.name
         share = parse_shard(shard)
+        ensure_output_folder(out_dir)
+        if save_predictions:
+            ensure_output_folder(out_dir / "predictions")
         dist = start_distributed(model_options)
         try:
             show = not (quiet or as_json) and dist.is_main
@@ -501,6 +538,7 @@ def compare(
                             synonyms=synonyms, distractors=distractor_names(distractors or "none"), limit=limit,
                             subset=subset)
         share = parse_shard(shard)
+        ensure_output_folder(out)
         show = not quiet
         summary = run_compare(entries, source, out, share=share, overwrite=overwrite, sheets=sheets,
                               command=shlex.join(["ovss", *sys.argv[1:]]), quiet=not show,

@@ -36,6 +36,17 @@ class DatasetError(OvssError):
     exit_code = 5
 
 
+class OutputError(OvssError):
+    """The outputs cannot be written: the output folder is a file or read-only, or the disk is
+    full. Finished images are kept; a re-run continues once the cause is fixed."""
+
+    exit_code = 7
+
+
+class OvssWarning(UserWarning):
+    """Something worth telling the user that does not stop the work (the CLI prints one line)."""
+
+
 class NotImplementedYet(OvssError):
     """A command that exists in the interface but is not built yet."""
 

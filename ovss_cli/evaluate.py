@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .datasets import Sample, SemSegDataset
-from .errors import InputError, UsageError, failure_reason
+from .errors import DatasetError, InputError, UsageError, failure_reason
+from .io.atomic import storage_error
 from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
 from .io.prefetch import prefetched
@@ -26,7 +27,7 @@ from .io.outputs import write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
 from .runs.distributed import Distributed
 from .runs.shards import Share
-from .segmenter import OTHER, UNLABELLED, Prediction, Segmenter
+from .segmenter import OTHER, UNLABELLED, Prediction, Segmenter, predict_robustly
 from .vocabulary import Vocabulary
 
 
@@ -162,6 +163,8 @@ def _vocab_for(sample: Sample, table: Mapping[str, list[str]]) -> list[str]:
 
 def _read(sample: Sample, dataset: SemSegDataset) -> tuple[np.ndarray, np.ndarray] | BaseException:
     try:
+        if not sample.label_path.exists():
+            raise DatasetError(f"image {sample.image_path} has no label: {sample.label_path} is missing")
         image = read_image(sample.image_path)
         label = dataset.read_label(sample.label_path)
         if label.shape != image.shape[:2]:
@@ -244,23 +247,32 @@ def evaluate_dataset(
         saved: Path | None = None
         try:
             with torch.inference_mode():
-                prediction: Prediction = segmenter.predict(image, vocab)
+                prediction = predict_robustly(segmenter, [image], vocab)[0]
+            if isinstance(prediction, BaseException):
+                raise prediction
             predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
             if predictions_dir is not None:
                 saved = Path(predictions_dir) / f"{sample.id}.png"
                 write_label_png(saved, predicted, len(vocab))
             # both accumulators check the whole sample before adding any of it
-            if confusion is not None:
-                confusion.update(predicted, label)
-            else:
-                table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
-                table.update(predicted, label)
+            try:
+                if confusion is not None:
+                    confusion.update(predicted, label)
+                else:
+                    table = WordClassTable(len(vocab), dataset.num_classes, dataset.ignore_label)
+                    table.update(predicted, label)
+            except ValueError as err:  # values outside the classes: the label file's fault
+                raise DatasetError(f"label {sample.label_path}: {err}") from None
+            if confusion is None:
                 word_counts.unlabelled += table.unlabelled
                 for i, name in enumerate(vocab.names):
                     word_counts.add(name, table.counts[i])
         except Exception as err:
             if saved is not None:
                 saved.unlink(missing_ok=True)
+            fatal = storage_error(err, predictions_dir or "the predictions folder")
+            if fatal is not None:  # a full disk fails every later sample too: stop
+                raise fatal from None
             fail(sample, err)
             continue
         result.images += 1

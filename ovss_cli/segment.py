@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, UsageError, failure_reason
-from .io.images import InputImage, InputWalk, output_stem, read_image
+from .io.images import InputImage, InputWalk, output_stem, read_image_notes
 from .io.outputs import (
     class_colors,
     coco_annotation,
@@ -40,11 +40,12 @@ from .io.outputs import (
     write_legend,
     write_rgb_png,
 )
+from .io.atomic import ensure_output_folder, storage_error
 from .io.prefetch import prefetched
 from .runs import state as run_state
 from .runs.distributed import Distributed
 from .runs.shards import Share
-from .segmenter import OTHER, Prediction, Segment, Segmenter
+from .segmenter import OTHER, Prediction, Segment, Segmenter, predict_robustly
 from .vocabulary import Vocabulary
 
 FORMATS = ("png", "overlay", "coco", "jsonl")
@@ -316,11 +317,12 @@ def _batches(items: Iterable[tuple[int, InputImage]], size: int) -> Iterator[lis
         yield batch
 
 
-def _load(item: InputImage) -> np.ndarray | BaseException:
+def _load(item: InputImage) -> tuple[np.ndarray, list[str]] | BaseException:
+    """The image and its notes (e.g. "first of 3 frames used"), or why it cannot be read."""
     try:
         if item.error is not None:
             raise InputError(item.error)
-        return read_image(item.path)
+        return read_image_notes(item.path)
     except Exception as err:  # reported per image
         return err
 
@@ -413,6 +415,7 @@ def segment_images(
     first = next(items, None)
     if first is None:
         raise inputs.nothing_found() if isinstance(inputs, InputWalk) else InputError("no input images")
+    ensure_output_folder(out_dir)
     other = segmenter.can_label_other(vocabulary)
     summary = SegmentSummary(vocabulary)
     start = time.perf_counter()
@@ -440,7 +443,10 @@ def segment_images(
                     summary.merge(other_summary)
         if dist.is_main:
             writers = [share.with_rank(r, dist.world).writer_name for r in range(dist.world)]
-            summary.outputs.update(write_run_files(out_dir, vocabulary, formats, generation, writers))
+            try:
+                summary.outputs.update(write_run_files(out_dir, vocabulary, formats, generation, writers))
+            except OSError as err:
+                raise storage_error(err, out_dir) or err from None
         dist.barrier()
     if isinstance(inputs, InputWalk):
         summary.skipped = inputs.skipped_text()
@@ -484,7 +490,10 @@ def _run(segmenter: Segmenter, inputs: Iterator[InputImage], vocabulary: Vocabul
                 result.class_fractions = class_fractions(prediction.labels, len(vocabulary))
                 result.seconds = seconds + time.perf_counter() - t0
                 record = writer.write(pos, item, image, prediction, result)
-            except Exception as err:  # this image's failure; the run goes on
+            except Exception as err:  # this image's failure; the run goes on, unless the disk is full
+                fatal = storage_error(err, out_dir)
+                if fatal is not None:
+                    raise fatal from None
                 result = ImageResult(item, ok=False, error=f"cannot write outputs: {failure_reason(err)}",
                                      seconds=seconds)
                 record = writer.failed(pos, result)
@@ -507,24 +516,21 @@ def _run(segmenter: Segmenter, inputs: Iterator[InputImage], vocabulary: Vocabul
 
 
 def _predict(segmenter: Segmenter, vocabulary: Vocabulary, batch: list[tuple[int, InputImage]],
-             images: list[np.ndarray | BaseException]):
-    """(pos, item, image, prediction or error, seconds) per input of the batch; an image that
-    fails in a batch is retried alone, so one bad image does not fail its neighbours."""
-    good = [i for i in range(len(batch)) if not isinstance(images[i], BaseException)]
-    predictions: dict[int, Prediction | BaseException] = {i: images[i] for i in range(len(batch)) if i not in good}
+             loaded: list[tuple[np.ndarray, list[str]] | BaseException]):
+    """(pos, item, image, prediction or error, seconds) per input of the batch (see
+    :func:`~ovss_cli.segmenter.predict_robustly`: one bad or huge image does not fail its
+    neighbours); notes from reading an image join its prediction's warnings."""
+    good = [i for i in range(len(batch)) if not isinstance(loaded[i], BaseException)]
+    predictions: dict[int, Prediction | BaseException] = {i: loaded[i] for i in range(len(batch)) if i not in good}
     t0 = time.perf_counter()
     if good:
         with torch.inference_mode():
-            try:
-                preds = segmenter.predict_batch([images[i] for i in good], vocabulary)  # type: ignore[misc]
-                predictions.update(zip(good, preds))
-            except Exception:
-                for i in good:
-                    try:
-                        predictions[i] = segmenter.predict(images[i], vocabulary)  # type: ignore[arg-type]
-                    except Exception as err:
-                        predictions[i] = err
+            results = predict_robustly(segmenter, [loaded[i][0] for i in good], vocabulary)
+        for i, prediction in zip(good, results):
+            if isinstance(prediction, Prediction):
+                prediction.warnings[:0] = loaded[i][1]
+            predictions[i] = prediction
     per_image = (time.perf_counter() - t0) / max(len(good), 1)
     for i, (pos, item) in enumerate(batch):
-        image = None if isinstance(images[i], BaseException) else images[i]
+        image = None if isinstance(loaded[i], BaseException) else loaded[i][0]
         yield pos, item, image, predictions[i], per_image if image is not None else 0.0

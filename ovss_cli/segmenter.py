@@ -60,6 +60,9 @@ class Segmenter(ABC):
     # What makes this segmenter's outputs what they are (set by load_segmenter): a resumed run
     # must have the same (see segmenter_identity).
     identity: dict[str, Any] | None = None
+    # How load_segmenter built it: (method, keywords), to rebuild it on the CPU after a GPU OOM.
+    load_arguments: tuple[str, dict[str, Any]] | None = None
+    _cpu_copy: "Segmenter | None" = None
 
     @abstractmethod
     def predict(self, image: np.ndarray, vocabulary: Vocabulary | Sequence[str], *,
@@ -90,6 +93,16 @@ class Segmenter(ABC):
     def networks(self) -> list[torch.nn.Module]:
         """The networks the method runs (for parameter counts)."""
         return []
+
+    def on_cpu(self) -> "Segmenter":
+        """The same segmenter on the CPU (built once, on first use): where an image that does
+        not fit in GPU memory is segmented instead."""
+        if self._cpu_copy is None:
+            if self.load_arguments is None:
+                raise RuntimeError("only segmenters made by load_segmenter can be rebuilt on the CPU")
+            method, kwargs = self.load_arguments
+            self._cpu_copy = load_segmenter(method, **{**kwargs, "device": "cpu", "precision": "auto"})
+        return self._cpu_copy
 
     def num_parameters(self) -> int:
         """Parameters of all its networks, each counted once."""
@@ -147,7 +160,50 @@ def load_segmenter(
     segmenter = factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)
     segmenter.identity = segmenter_identity(method, model=model, weights=weights, clip_config=clip_config,
                                             device=device, **method_options)
+    segmenter.load_arguments = (method, dict(model=model, weights=weights, clip_config=clip_config, device=device,
+                                             **method_options))
     return segmenter
+
+
+def out_of_gpu_memory(error: BaseException) -> bool:
+    return isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
+GPU_FALLBACK_WARNING = "out of GPU memory: segmented on the CPU"
+
+
+def predict_robustly(segmenter: Segmenter, images: Sequence[np.ndarray], vocabulary: Vocabulary | Sequence[str],
+                     **kwargs: Any) -> list[Prediction | BaseException]:
+    """Predictions for a batch, each image's own error where it fails. A batch that fails is
+    retried image by image (one bad or huge image does not fail its neighbours); an image that
+    still runs out of GPU memory is segmented on the CPU, with a warning in its prediction."""
+    try:
+        return list(segmenter.predict_batch(images, vocabulary, **kwargs))
+    except Exception as error:
+        if len(images) == 1 and not out_of_gpu_memory(error):
+            return [error]
+        _free_gpu_memory(error)
+    results: list[Prediction | BaseException] = []
+    for image in images:
+        try:
+            results.append(segmenter.predict(image, vocabulary, **kwargs))
+        except Exception as error:
+            if not out_of_gpu_memory(error):
+                results.append(error)
+                continue
+            _free_gpu_memory(error)
+            try:
+                prediction = segmenter.on_cpu().predict(image, vocabulary, **kwargs)
+                prediction.warnings.append(GPU_FALLBACK_WARNING)
+                results.append(prediction)
+            except Exception as cpu_error:
+                results.append(cpu_error)
+    return results
+
+
+def _free_gpu_memory(error: BaseException) -> None:
+    if out_of_gpu_memory(error) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # Options that change how a segmenter works, not what it outputs.

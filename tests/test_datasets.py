@@ -128,13 +128,14 @@ def test_voc21_listed_id_without_label_is_an_error(tmp_path):
         open_dataset("voc21", tmp_path)
 
 
-def test_benchmark_pairs_by_intersection_like_detectron2(tmp_path):
+def test_benchmark_labels_without_images_are_dropped_and_images_without_labels_kept(tmp_path):
     build_layout(tmp_path, "voc20", ["a", "b"])
-    write_image(tmp_path / "VOC2012/JPEGImages/c.jpg", 3)  # image without a label: not used
+    write_image(tmp_path / "VOC2012/JPEGImages/c.jpg", 3)  # image without a label: kept, and fails when read
     write_label(tmp_path / "VOC2012/annotations_detectron2/val/d.png", "voc20", make_label("voc20", 4))
     dataset = open_dataset("voc20", tmp_path)
-    assert [s.id for s in dataset.samples()] == ["a", "b"]
-    assert dataset.unmatched_labels == 1
+    assert [s.id for s in dataset.samples()] == ["a", "b", "c"]
+    assert not list(dataset.samples())[2].label_path.exists()
+    assert dataset.unmatched_labels == 1  # labels without an image are dropped, as detectron2 does
 
 
 # --------------------------------------------------------------------------- selection

@@ -152,3 +152,16 @@ class ClipTextTower(nn.Module):
 def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
     """CLIP BPE tokens (lower-cased, cleaned, truncated to ``context_length``)."""
     return open_clip.tokenize(texts, context_length=context_length)
+
+
+def token_count(text: str) -> int:
+    """How many tokens ``text`` takes in CLIP's context, start and end tokens included."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    global _counter
+    if _counter is None:
+        _counter = SimpleTokenizer()
+    return len(_counter.encode(text)) + 2
+
+
+_counter = None

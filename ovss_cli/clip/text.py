@@ -8,13 +8,14 @@ keyed by a fingerprint of the text tower's weights and the templates: a shell lo
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch.nn import functional as F
 
-from .model import ClipTextTower, tokenize
+from .model import ClipTextTower, token_count, tokenize
 
 
 def tower_fingerprint(tower: ClipTextTower, templates: Sequence[str]) -> str:
@@ -25,6 +26,20 @@ def tower_fingerprint(tower: ClipTextTower, templates: Sequence[str]) -> str:
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def warn_if_cut(names: Sequence[str], templates: Sequence[str], context_length: int) -> list[str]:
+    """Warn (:class:`~ovss_cli.errors.OvssWarning`) about each name that, in its longest
+    prompt, is longer than CLIP's context: CLIP only sees its beginning. Returns those names."""
+    from ..errors import OvssWarning
+
+    longest = max(templates, key=len)
+    cut = [n for n in names if token_count(longest.format(n)) > context_length]
+    for name in cut:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        warnings.warn(OvssWarning(f"class name {shown!r} ({len(name)} characters) is longer than CLIP's "
+                                  f"{context_length}-token context in its prompts: only its beginning is used"))
+    return cut
 
 
 class PromptEncoder:
@@ -76,6 +91,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def _encode(self, names: Sequence[str]) -> torch.Tensor:
+        warn_if_cut(names, self.templates, self.tower.context_length)
         per_template = []
         # Always fp32: the classifier is computed once per name and must be exact.
         with torch.autocast(self.device.type, enabled=False):

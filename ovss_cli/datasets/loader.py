@@ -43,7 +43,9 @@ def open_dataset(name: str, root: str | os.PathLike[str]) -> SemSegDataset:
     """List benchmark ``name`` under ``root`` (see :func:`dataset_root`) without reading images.
 
     Images and labels pair up by relative path without extension; label files without an
-    image are dropped (counted in ``unmatched_labels``), as detectron2's loader does.
+    image are dropped (counted in ``unmatched_labels``), as detectron2's loader does. An image
+    without a label is kept: evaluating it fails, naming the missing file, and the result is
+    marked partial (it is never silently left out).
     """
     spec = get_spec(name)
     root = Path(root)
@@ -67,14 +69,16 @@ def open_dataset(name: str, root: str | os.PathLike[str]) -> SemSegDataset:
                 )
         unmatched = 0
     else:
-        ids = sorted(images.keys() & labels.keys())
-        unmatched = len(labels) - len(ids)
-        if not ids:
+        matched = images.keys() & labels.keys()
+        unmatched = len(labels) - len(matched)
+        if not matched:
             raise DatasetError(
                 f"{spec.name}: no label in {labels_dir} has an image of the same name in "
                 f"{images_dir}; {hint}"
             )
-    pairs = [Sample(i, images[i], labels[i]) for i in ids]
+        # an image without its label stays a sample: evaluating it fails and is reported
+        ids = sorted(images)
+    pairs = [Sample(i, images[i], labels.get(i, labels_dir / f"{i}{spec.label_ext}")) for i in ids]
     return SemSegDataset(
         spec.name,
         benchmark_class_names(spec.classes_file),

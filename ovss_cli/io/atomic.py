@@ -7,8 +7,10 @@ renamed over the target (``os.replace`` is atomic on the same file system).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import tempfile
 import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator, Literal
@@ -103,3 +105,41 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# Errors that say the output location cannot take more writes, whatever is being written: they
+# stop a run (every later write would fail too) instead of failing one image.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def storage_error(error: BaseException, where: str | os.PathLike[str]) -> "OutputError | None":
+    """An :class:`~ovss_cli.errors.OutputError` for a full or read-only disk (including
+    SQLite's "database or disk is full"), else None."""
+    from ..errors import OutputError
+
+    full = "disk is full" in str(error) or "readonly database" in str(error)
+    if (isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS) or full:
+        what = "no space left on the disk" if "full" in str(error) or getattr(error, "errno", None) in (
+            errno.ENOSPC, errno.EDQUOT) else "the disk is read-only"
+        return OutputError(f"cannot write to {where}: {what}; free space (or fix the folder) and run the same "
+                           "command again: finished images are kept")
+    return None
+
+
+def ensure_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create the output folder and check it takes files, before any work: a file in its place
+    or a folder that cannot be written is an OutputError naming it."""
+    from ..errors import OutputError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ovss-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f"cannot write to {option} {folder}: {error.strerror or error}; "
+                          f"choose another {option}") from None
+    return folder

@@ -7,6 +7,7 @@ file and carry on.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {
@@ -197,8 +198,8 @@ class _Walk:
             path = Path(entry.path)
             try:
                 is_dir = entry.is_dir()
-            except OSError:
-                continue
+            except OSError:  # a symbolic link loop: reported below if it looks like an image
+                is_dir = False
             if is_dir:
                 if self.excluded(path):
                     self.log.exclude(path)
@@ -206,8 +207,10 @@ class _Walk:
                     yield from self.walk(root, path, seen, used)
             elif not is_image_path(entry.name):
                 self.log.skipped[PurePath(entry.name).suffix.lower() or "(no extension)"] += 1
-            elif path.exists():
-                yield InputImage(path, _unique_rel(path.relative_to(root), local))
+            else:
+                rel = _unique_rel(path.relative_to(root), local)
+                yield InputImage(path, rel, None if path.exists() else
+                                 f"cannot read image {path}: {_missing_reason(path)}")
         seen.discard(key)
 
 
@@ -243,18 +246,25 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to a C-contiguous H x W x 3 uint8 RGB array.
 
     EXIF orientation is applied; alpha is dropped (not composited); grayscale, palette,
-    CMYK and YCbCr become RGB; 16-bit samples are scaled so 65535 -> 255 with rounding.
-    Any failure to decode raises :class:`InputError` naming the file.
+    CMYK and YCbCr become RGB; 16-bit samples are scaled so 65535 -> 255 with rounding;
+    animated GIFs and multi-page TIFFs give their first frame (:func:`read_image_notes`
+    says so). Any failure to decode raises :class:`InputError` naming the file.
     """
+    return read_image_notes(path)[0]
+
+
+def read_image_notes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
+    """:func:`read_image`, plus notes worth recording with the result (``"first of 3 frames"``)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"cannot read image {path}: it is a directory, not a file")
     if not path.exists():
-        raise InputError(f"cannot read image {path}: file not found")
+        raise InputError(f"cannot read image {path}: {_missing_reason(path)}")
+    notes: list[str] = []
     try:
         if path.stat().st_size == 0:
             raise InputError(f"cannot read image {path}: file is empty")
-        rgb = _decode(path)
+        rgb = _decode(path, notes)
     except InputError:
         raise
     except Image.DecompressionBombError:
@@ -266,12 +276,28 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"cannot read image {path}: not a recognised image format") from None
     except MemoryError:
         raise InputError(f"cannot read image {path}: out of memory while decoding") from None
+    except PermissionError:
+        raise InputError(f"cannot read image {path}: permission denied") from None
     except Exception as error:  # any decoder failure on a bad file is the input's fault
         raise InputError(f"cannot read image {path}: {_short_reason(error)}") from None
-    return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(rgb), notes
 
 
-def _decode(path: Path) -> np.ndarray:
+def _missing_reason(path: Path) -> str:
+    """Why a path that is listed does not exist: a broken or looping symbolic link, or gone."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "symbolic link loop"
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return "file not found (deleted after it was listed?)"
+
+
+def _decode(path: Path, notes: list[str]) -> np.ndarray:
     """PIL first; OpenCV for files PIL cannot open or would truncate (16-bit colour)."""
     try:
         image = Image.open(path)
@@ -281,6 +307,11 @@ def _decode(path: Path) -> np.ndarray:
             raise
         return rgb
     with image:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:  # animated GIF/WebP, multi-page TIFF: the first frame, said so
+            image.seek(0)
+            kind = "pages" if image.format == "TIFF" else "frames"
+            notes.append(f"first of {frames} {kind} used")
         if _is_wide_colour(image):
             rgb = _decode_with_cv2(path)
             if rgb is None:

@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 
 from ..segmenter import UNLABELLED
 from .atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from .jsontext import dumps
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _TEXT_COLOUR = (255, 255, 255)
@@ -135,7 +136,7 @@ def write_legend(
         "png_dtype": np.dtype(dtype).name,
         **(extra or {}),
     }
-    atomic_write_text(path, json.dumps(legend, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, dumps(legend, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- overlays
@@ -277,9 +278,9 @@ def write_coco(path: str | os.PathLike[str], categories: list[dict],
         out.write('{"info": {"description": "ovss predictions"},\n"images": [')
         separator = "\n"
         for image_id, (image, _) in enumerate(entries(), start=1):
-            out.write(separator + json.dumps({"id": image_id, **image}, ensure_ascii=False))
+            out.write(separator + dumps({"id": image_id, **image}))
             separator = ",\n"
-        out.write('],\n"categories": ' + json.dumps(categories, ensure_ascii=False) + ',\n"annotations": [')
+        out.write('],\n"categories": ' + dumps(categories) + ',\n"annotations": [')
         separator, annotation_id = "\n", 0
         for image_id, (_, annotations) in enumerate(entries(), start=1):
             for annotation in annotations:
@@ -296,7 +297,7 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]])
     """Write one JSON object per line, atomically, streaming ``records``."""
     with atomic_open(path, "w") as out:
         for record in records:
-            out.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+            out.write(dumps(record, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import UsageError
-from ..io.atomic import atomic_write_text, remove_stale_temps
+from ..io.atomic import atomic_write_text, remove_stale_temps, storage_error
+from ..io.jsontext import dumps
 
 STATE_DIR = ".ovss"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    rel TEXT PRIMARY KEY,
+    rel BLOB PRIMARY KEY,
     pos INTEGER NOT NULL,
     gen TEXT NOT NULL,
     ok INTEGER NOT NULL,
@@ -65,17 +66,23 @@ class Record:
     seconds: float = 0.0
 
     def row(self) -> tuple:
-        return (self.rel, self.pos, self.gen, int(self.ok), json.dumps(self.files),
-                json.dumps(self.manifest, ensure_ascii=False, separators=(",", ":")),
-                None if self.image is None else json.dumps(self.image, ensure_ascii=False),
+        return (rel_key(self.rel), self.pos, self.gen, int(self.ok), dumps(self.files),
+                dumps(self.manifest, separators=(",", ":")), None if self.image is None else dumps(self.image),
                 None if self.annotations is None else json.dumps(self.annotations), self.seconds)
 
     @classmethod
     def from_row(cls, row: tuple) -> "Record":
         rel, pos, gen, ok, files, manifest, image, annotations, seconds = row
-        return cls(rel, int(pos), gen, bool(ok), json.loads(files), json.loads(manifest),
+        return cls(bytes(rel).decode("utf-8", "surrogateescape"), int(pos), gen, bool(ok), json.loads(files),
+                   json.loads(manifest),
                    None if image is None else json.loads(image),
                    None if annotations is None else json.loads(annotations), float(seconds or 0.0))
+
+
+def rel_key(rel: str) -> bytes:
+    """An input's key in the state files: its relative path's bytes (file names need not be
+    valid UTF-8)."""
+    return rel.encode("utf-8", "surrogateescape")
 
 
 def state_dir(out_dir: str | Path) -> Path:
@@ -196,15 +203,16 @@ class RunState:
         """Whether ``rel`` already has complete outputs (a successful row whose files exist);
         if so it joins this run's generation at ``pos``."""
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE rel = ? AND ok = 1", (rel,)).fetchone()
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE rel = ? AND ok = 1", (rel_key(rel),)).fetchone()
             if row is not None and self._files_exist(row):
-                self._pending.append((self.generation, pos, rel))
+                self._pending.append((self.generation, pos, rel_key(rel)))
                 if len(self._pending) >= _PENDING_LIMIT:
                     self._flush()
                 self.reused += 1
                 return True
             for _, other in self._others:
-                row = other.execute(f"SELECT {_COLUMNS} FROM records WHERE rel = ? AND ok = 1", (rel,)).fetchone()
+                row = other.execute(f"SELECT {_COLUMNS} FROM records WHERE rel = ? AND ok = 1",
+                                    (rel_key(rel),)).fetchone()
                 if row is not None and self._files_exist(row):
                     record = Record.from_row(row)
                     record.pos, record.gen = pos, self.generation
@@ -225,12 +233,22 @@ class RunState:
             self._pending.clear()
 
     def record(self, record: Record) -> None:
-        """Store an input's row (its files must already be in place), durably."""
+        """Store an input's row (its files must already be in place), durably; a full or
+        read-only disk is an :class:`~ovss_cli.errors.OutputError`."""
         record.gen = self.generation
         with self._lock:
-            self._flush()
-            self._db.execute(f"INSERT OR REPLACE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", record.row())
-            self._db.commit()
+            try:
+                self._flush()
+                self._db.execute(f"INSERT OR REPLACE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                                 record.row())
+                self._db.commit()
+            except (sqlite3.Error, OSError) as error:
+                fatal = storage_error(error, self.out_dir)
+                if fatal is None:
+                    raise
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.rollback()
+                raise fatal from None
 
     def finish(self) -> None:
         """Everything this process met is marked with the generation."""
@@ -239,7 +257,8 @@ class RunState:
 
     def close(self) -> None:
         with self._lock:
-            self._flush()
+            with contextlib.suppress(sqlite3.Error):  # unsaved marks are only redone by the next run
+                self._flush()
             self._db.close()
             for _, other in self._others:
                 other.close()
@@ -256,7 +275,7 @@ class StateReader:
         """``done`` (complete outputs), ``failed`` (failed before: retried) or ``new``."""
         failed = False
         for db in self._dbs:
-            for files, ok in db.execute("SELECT files, ok FROM records WHERE rel = ?", (rel,)):
+            for files, ok in db.execute("SELECT files, ok FROM records WHERE rel = ?", (rel_key(rel),)):
                 if ok and all((self.out_dir / f).is_file() for f in json.loads(files)):
                     return "done"
                 failed = failed or not ok
