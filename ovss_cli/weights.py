@@ -726,23 +726,50 @@ def _load_safetensors(path: Path) -> dict:
         ) from None
 
 
+def checkpoint_kind(checkpoint: Any) -> str | None:
+    """What a loaded checkpoint looks like ("a SAN checkpoint", ...), to say so when it is
+    given where another kind belongs; None when it is none of ours."""
+    if not isinstance(checkpoint, dict):
+        return None
+    if "ovss_config" in checkpoint:
+        return "a SAN checkpoint"
+    keys = list(checkpoint["model"]) if isinstance(checkpoint.get("model"), dict) else list(checkpoint)
+    keys = [str(k).removeprefix("module.") for k in keys]
+    if any(k.startswith("side_adapter_network.") for k in keys):
+        return "a SAN checkpoint"
+    if any(k.startswith("image_encoder.") for k in keys) and any(k.startswith("mask_decoder.") for k in keys):
+        return "a Segment Anything (SAM) checkpoint"
+    if "conv1_alpha.weight" in keys:
+        return "an Alpha-CLIP visual checkpoint"
+    if "token_embedding.weight" in keys or "visual.conv1.weight" in keys:
+        return "a CLIP checkpoint"
+    return None
+
+
 def load_state_strict(module: Any, state: dict, source: str, expected: str, hint: str = "") -> None:
     """Load ``state`` into ``module`` with exact key and shape matching (assigning tensors, so
     a module built on the meta device gets real ones). A mismatch is one :class:`WeightsError`
-    naming the file, what it should have been, counts with an example of each kind, and ``hint``."""
+    naming the file, what it should have been, the missing and unexpected keys and the shape
+    mismatches (the first few of each, with counts), what the file looks like, and ``hint``."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or wrong:
+        def listed(keys: list[str]) -> str:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            return ", ".join(keys[:3]) + more
+
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing keys ({listed(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected keys ({listed(unexpected)})")
         if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(f"{source} does not match {expected}: {'; '.join(parts)}" + (f". {hint}" if hint else ""))
+            shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected" for k in wrong]
+            parts.append(f"{len(wrong)} shape mismatches ({listed(shapes)})")
+        kind = checkpoint_kind(state)
+        looks = f"; it looks like {kind}" if kind and kind not in expected else ""
+        raise WeightsError(f"{source} does not match {expected}: {'; '.join(parts)}{looks}" + (f". {hint}" if hint else ""))
     module.load_state_dict(state, strict=True, assign=True)
 

@@ -60,7 +60,8 @@ def read_image_rows(out_dir: Path) -> list[dict[str, Any]]:
 
 def read_labels(path: Path) -> np.ndarray:
     """A saved label map as int labels (unlabelled, 255 or 65535, becomes -1)."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    # via numpy's file reading: OpenCV crashes on paths that are not valid UTF-8
+    raw = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     labels = raw.astype(np.int64)
     return np.where(labels == np.iinfo(raw.dtype).max, -1, labels)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Iterator, Sequence, TextIO
 
 import cv2
+import cv2.utils.logging
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -34,6 +36,11 @@ _TRANSPOSE_FOR_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _MAX_REASON = 120
+
+# A bad file is reported once, as its InputError; the decoders' own chatter about it (OpenCV's
+# log lines, PIL's "Corrupt EXIF data" warnings) would repeat it out of context.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 @dataclass(frozen=True)

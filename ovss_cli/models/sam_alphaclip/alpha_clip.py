@@ -189,11 +189,15 @@ def alpha_visual_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {re.sub(r"attn\.in_proj\.(weight|bias)$", r"attn.in_proj_\1", k): v for k, v in state.items()}
 
 
-def _unwrap(state: Any, source: str) -> dict[str, Tensor]:
+def _unwrap(state: Any, source: str, expected: str = "a CLIP or Alpha-CLIP checkpoint") -> dict[str, Tensor]:
+    from ...weights import checkpoint_kind
+
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{source} does not hold a state dict of tensors")
+        kind = checkpoint_kind(state)
+        raise WeightsError(f"{source} is {kind}, not {expected}" if kind else
+                           f"{source} does not hold a state dict of tensors ({expected} does)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -209,7 +213,7 @@ def load_alpha_clip(
     its already-loaded state dict, named in errors by ``alpha_source``)."""
     from ...weights import load_state_file, load_state_strict
 
-    clip_state = _unwrap(load_state_file(clip_weights), str(clip_weights))
+    clip_state = _unwrap(load_state_file(clip_weights), str(clip_weights), "a CLIP checkpoint (--clip-weights)")
     for key in _OPENAI_EXTRA_KEYS:
         clip_state.pop(key, None)
     config = load_clip_config(clip_config) if clip_config is not None else infer_clip_config(clip_state)
@@ -222,7 +226,7 @@ def load_alpha_clip(
     if alpha_weights is not None:
         raw = alpha_weights if isinstance(alpha_weights, Mapping) else load_state_file(alpha_weights)
         source = alpha_source or (str(alpha_weights) if not isinstance(alpha_weights, Mapping) else "Alpha-CLIP weights")
-        visual_state = alpha_visual_state(_unwrap(dict(raw), source))
+        visual_state = alpha_visual_state(_unwrap(dict(raw), source, "an Alpha-CLIP visual checkpoint (--weights)"))
         load_state_strict(model.visual, visual_state, source, "an Alpha-CLIP visual checkpoint")
     else:  # plain CLIP with a zero alpha projection (what Alpha-CLIP starts from)
         visual_state = {k.removeprefix("visual."): v for k, v in clip_state.items() if k.startswith("visual.")}

@@ -93,7 +93,11 @@ def load_sam(path: str | Path) -> Sam:
     try:
         arch = infer_sam_arch(state)
     except WeightsError as err:
-        raise WeightsError(f"{path}: {err}; pass a SAM checkpoint to --sam-weights") from None
+        from ...weights import checkpoint_kind
+
+        kind = checkpoint_kind(state)
+        found = f"{path} is {kind}, not a Segment Anything checkpoint" if kind else f"{path}: {err}"
+        raise WeightsError(f"{found}; pass a SAM checkpoint to --sam-weights") from None
     with torch.device("meta"):
         sam = build_sam(arch)
     load_state_strict(sam, state, str(path), f"a SAM with a {arch.embed_dim}-wide, {arch.depth}-block encoder")

@@ -25,7 +25,11 @@ def read_san_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, Any] | None]
     config = ckpt.get("ovss_config") if isinstance(ckpt, dict) else None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{path} is not a SAN checkpoint (expected {{'model': state_dict}})")
+        from ...weights import checkpoint_kind
+
+        kind = checkpoint_kind(ckpt)
+        raise WeightsError(f"{path} is {kind}, not a SAN checkpoint" if kind and "SAN" not in kind else
+                           f"{path} is not a SAN checkpoint (expected {{'model': state_dict}})")
     return state, config
 
 

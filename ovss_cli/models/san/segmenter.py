@@ -140,7 +140,8 @@ class SanSegmenter(Segmenter):
             resized = resize_image(image, size)
             for flip in flips:
                 pixels = resized[:, ::-1] if flip else resized
-                x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).to(self.device, torch.float32)
+                chw = np.require(pixels.transpose(2, 0, 1), requirements=["C", "W"])  # copies only if needed
+                x = torch.from_numpy(chw).to(self.device, torch.float32)
                 views.append(_View(index, (x - self.pixel_mean) / self.pixel_std, flip))
         return views
 
