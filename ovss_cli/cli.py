@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional, get_type_hints
 import typer
 
 from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError, OvssWarning
-from .io.atomic import ensure_output_folder
+from .io.atomic import check_output_folder, ensure_output_folder
 
 app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
@@ -232,6 +232,7 @@ def segment(
         from .reporting import image_progress, print_plan, print_segment_summary
         from .distractors import distractor_names
         from .runs.shards import parse_shard
+        from .runs.state import RunLock
         from .segment import parse_formats, plan_run, run_identity, segment_images
         from .segmenter import segmenter_identity
         from .vocabulary import load_vocabulary
@@ -250,9 +251,13 @@ def segment(
         total = None if "-" in paths else sum(1 for pos, _ in enumerate(walk) if share.takes(pos))
         if total == 0 and next(iter(walk), None) is None:
             raise walk.nothing_found()
-        ensure_output_folder(out)  # a read-only or mistyped --out fails before a model loads
+        # a read-only or mistyped --out, or one another run is writing, fails before a model
+        # loads (nothing is created yet: stdin may still turn out to hold no image)
+        check_output_folder(out)
         dist = start_distributed(model_options)
         try:
+            if dist.is_main:  # rank 0 takes the lock for all ranks
+                RunLock(out).check_free()
             segmenter = build_segmenter(model_options, quiet or not dist.is_main)
             with image_progress(total, enabled=not quiet and dist.is_main,
                                 counter=dist.add_progress if dist.enabled else None) as advance:

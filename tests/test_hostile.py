@@ -227,18 +227,25 @@ def test_a_second_run_on_a_busy_folder_stops_and_the_first_is_unharmed(work, san
     for i in range(40):
         write_image(photos / f"b{i:02d}.jpg", i, (24, 32))
     out = work / "busy-out"
-    base = [sys.executable, "-m", "ovss_cli", "segment", str(photos), "--classes", "cat", "--weights", str(san),
-            "--out", str(out), "--quiet", *FAST]
+    command = [sys.executable, "-m", "ovss_cli", "segment", "--classes", "cat", "--weights", str(san),
+               "--out", str(out), "--quiet", *FAST]
     env = {**os.environ, "OVSS_HOME": str(work / "home")}
-    first = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the first run reads its paths from a pipe we hold open, so it is still running (lock
+    # held, some images written) for as long as the second run takes
+    first = subprocess.Popen([*command, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    paths = [str(photos / f"b{i:02d}.jpg") for i in range(40)]
+    first.stdin.write("".join(p + "\n" for p in paths[:5]))
+    first.stdin.flush()
     lock = out / ".ovss" / "lock"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
         time.sleep(0.02)
-    second = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run([*command, str(photos)], capture_output=True, text=True, env=env, timeout=120)
+    assert first.poll() is None  # the first was busy all along
     assert second.returncode == 2, second.stderr
     assert f"is being written by another ovss run (pid {first.pid})" in " ".join(second.stderr.split())
-    _, err = first.communicate(timeout=300)
+    _, err = first.communicate("".join(p + "\n" for p in paths[5:]), timeout=300)
     assert first.returncode == 0, err
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 40
     files_are_whole(out)

@@ -126,20 +126,50 @@ def storage_error(error: BaseException, where: str | os.PathLike[str]) -> "Outpu
     return None
 
 
+def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check, without creating anything, that ``path`` is (or can become) a folder that takes
+    files: a file in its place or in the way, or a location that cannot be written, is an
+    OutputError naming it. For checks before a model loads, when the run may still find
+    nothing to do (and then must leave no folder behind)."""
+    from ..errors import OutputError
+
+    folder = Path(path)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under the file {existing}"
+        raise OutputError(f"{option} {folder} {where}, not a folder; choose a folder")
+    _probe(existing, folder, option)
+    return folder
+
+
 def ensure_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """Create the output folder and check it takes files, before any work: a file in its place
     or a folder that cannot be written is an OutputError naming it."""
     from ..errors import OutputError
 
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{option} {folder} is a file, not a folder; choose a folder")
+    folder = check_output_folder(path, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ovss-probe-")
+    except OSError as error:
+        raise OutputError(f"cannot write to {option} {folder}: {error.strerror or error}; "
+                          f"choose another {option}") from None
+    _probe(folder, folder, option)
+    return folder
+
+
+def _probe(directory: Path, folder: Path, option: str) -> None:
+    """Create and remove a temp file in ``directory``: the one test of writability that holds
+    for root, ACLs and read-only mounts alike."""
+    from ..errors import OutputError
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".ovss-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
         raise OutputError(f"cannot write to {option} {folder}: {error.strerror or error}; "
                           f"choose another {option}") from None
-    return folder

@@ -141,10 +141,24 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = self._take(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def check_free(self) -> None:
+        """Fail now, as :meth:`acquire` would, if another run holds the lock (creates nothing:
+        for a check before a model loads; the run still takes the lock itself)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        os.close(self._take(fd))
+
+    def _take(self, fd: int) -> int:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -152,9 +166,7 @@ class RunLock:
             os.close(fd)
             raise UsageError(f"{self.path.parent.parent} is being written by another ovss run (pid {holder}); "
                              "wait for it to finish, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
