@@ -146,3 +146,43 @@ def build_layout(root: Path, name: str, ids: list[str], size: tuple[int, int] | 
     return labels
 
 
+# A small generic-layout dataset (images folder, labels folder, classes file) of coloured shapes.
+SHAPE_CLASSES = ("background", "red disc", "green square", "blue bar", "yellow triangle")
+SHAPE_COLOURS = ((225, 225, 215), (215, 40, 40), (40, 170, 60), (45, 65, 215), (235, 200, 30))
+
+
+def write_shapes_dataset(root: Path, count: int, *, seed: int = 0, size: int = 96,
+                         ignore_border: bool = False) -> tuple[Path, Path, Path]:
+    """``count`` seeded size x size images of coloured shapes on a light background, in the
+    generic layout ``ovss evaluate/compare --images DIR --labels DIR --classes-file F`` read:
+    ``root/images/shape_<i>.png`` (RGB, mild noise), ``root/labels/shape_<i>.png`` (uint8 class
+    index per pixel, 0 background; with ``ignore_border`` a 2-pixel border of 255, the ignore
+    value) and ``root/classes.txt`` (:data:`SHAPE_CLASSES`, one per line). Each image has a
+    disc, a square, a horizontal bar and a triangle (later shapes drawn over earlier ones) at
+    seeded places and sizes, so every class covers pixels in most images.
+    Returns (images folder, labels folder, classes file)."""
+    rng = np.random.default_rng(seed)
+    images, labels = Path(root) / "images", Path(root) / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    s = size
+    for i in range(count):
+        label = np.zeros((s, s), np.uint8)
+        r = int(rng.integers(s // 8, s // 4))
+        cx, cy = (int(v) for v in rng.integers(r, s - r, 2))
+        cv2.circle(label, (cx, cy), r, 1, -1)
+        side = int(rng.integers(s // 6, s // 3))
+        x, y = (int(v) for v in rng.integers(0, s - side, 2))
+        label[y:y + side, x:x + side] = 2
+        top, height = int(rng.integers(0, s - s // 8)), max(2, s // 12)
+        label[top:top + height] = 3
+        corners = rng.integers(0, s, (3, 2)).astype(np.int32)
+        cv2.fillPoly(label, [corners], 4)
+        image = np.array(SHAPE_COLOURS, np.int16)[label] + rng.integers(-12, 13, (s, s, 3))
+        if ignore_border:
+            label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(images / f"shape_{i}.png")
+        Image.fromarray(label).save(labels / f"shape_{i}.png")
+    classes = Path(root) / "classes.txt"
+    classes.write_text("".join(f"{name}\n" for name in SHAPE_CLASSES))
+    return images, labels, classes
