@@ -11,9 +11,11 @@ It serves two kinds of path:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -191,6 +193,20 @@ def isolate_network(monkeypatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def forbid_connections(monkeypatch) -> list:
+    """Make every outgoing socket connection fail, recording where it was going: offline mode
+    must not even try the network (a refused connection would look the same as no request)."""
+    attempts: list = []
+
+    def refuse(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(errno.ENETUNREACH, "outgoing connections are forbidden in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
 
 
 CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from importlib import metadata
 
 import pytest
@@ -14,7 +15,7 @@ from ovss_cli.cli import app
 from ovss_cli.weights import cached_path
 from ovss_cli.zoo import ZOO, HubFile, UrlFile, ZooEntry
 
-from fake_hosts import FakeHost, isolate_caches, isolate_network, running
+from fake_hosts import FakeHost, forbid_connections, isolate_caches, isolate_network, running
 
 PAYLOAD = bytes((i * 31 + i // 7) % 256 for i in range(150_000))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -92,20 +93,75 @@ def test_models_download_needs_a_selection():
 
 
 @pytest.mark.parametrize("variable", ["OVSS_OFFLINE", "HF_HUB_OFFLINE"])
-def test_offline_models_download_makes_no_request(hosts, variable):
+def test_offline_models_download_makes_no_request(hosts, variable, monkeypatch):
     hub, other = hosts
-    result = invoke("models", "download", "test-san", "test-sam", "--quiet", env={variable: "1"})
-    assert result.exit_code == 4
-    text = " ".join(result.output.split())
-    assert f"downloads are off ({variable}=1)" in text and "run `ovss models download test-san`" in text
+    attempts = forbid_connections(monkeypatch)
+    # the test entries on the fake hosts, and real zoo entries (Hub and other hosts)
+    for names in (["test-san", "test-sam"], ["san-vit-b16", "sam-vit-b", "clip-vit-b16-openai"]):
+        result = invoke("models", "download", *names, "--quiet", env={variable: "1"})
+        assert result.exit_code == 4
+        text = " ".join(result.output.split())
+        assert f"downloads are off ({variable}=1)" in text and f"run `ovss models download {names[0]}`" in text
+    assert attempts == []  # not one socket was even opened towards a host
     assert hub.log == [] and other.log == []
+    # the guard does see a download that tries the network: online, the same command is refused
+    result = invoke("models", "download", "test-sam", "--quiet")
+    assert result.exit_code == 4 and attempts, result.output
+
+
+def test_models_download_by_method_and_all(hosts, monkeypatch):
+    from ovss_cli import zoo
+
+    monkeypatch.setitem(zoo.METHOD_DEFAULTS, "san", ("test-san",))
+    monkeypatch.setitem(zoo.METHOD_DEFAULTS, "sam", ("test-sam",))
+    result = invoke("models", "download", "--method", "san", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(_lines(result.output)) == ["test-san"]
+    assert _lines(result.output)["test-san"].startswith("test-san: downloaded (sha256 ok)")
+    monkeypatch.setattr(zoo, "ZOO", {k: v for k, v in zoo.ZOO.items() if k.startswith("test-")})
+    result = invoke("models", "download", "--all", "--method", "sam", "--quiet")  # every checkpoint sam uses
+    assert result.exit_code == 0, result.output
+    assert sorted(_lines(result.output)) == ["test-sam"]
+    assert _lines(result.output)["test-sam"].startswith("test-sam: downloaded (sha256 ok)")
+    result = invoke("models", "download", "--all", "--quiet", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert sorted(_lines(result.output)) == ["test-sam", "test-san"]
+    assert all(" cached (not re-hashed) " in line for line in _lines(result.output).values())
+    refused = invoke("models", "download", "test-san", "--method", "sam")
+    assert refused.exit_code == 2 and "which --method sam does not use" in " ".join(refused.output.split())
+
+
+def test_models_download_shows_progress(hosts, monkeypatch):
+    """Without --quiet: a bar for the file from the other host, huggingface_hub's own bars left on
+    for the Hub file, and a bar while a cached copy is checked; --quiet shows none of them."""
+    import huggingface_hub
+
+    hub_bars = []
+    real = huggingface_hub.hf_hub_download
+
+    def watched(*args, **kwargs):
+        hub_bars.append(not huggingface_hub.utils.are_progress_bars_disabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", watched)
+    result = invoke("models", "download", "test-san", "test-sam")
+    assert result.exit_code == 0, result.output
+    assert hub_bars == [True]
+    assert re.search(r"test-sam ━+ 150\.0/150\.0 kB", result.output), result.output
+    again = invoke("models", "download", "test-san")
+    assert re.search(r"checking test-san ━+ 150\.0/150\.0 kB", again.output), again.output
+    (cached_path(ZOO["test-sam"])).unlink()
+    quiet = invoke("models", "download", "test-san", "test-sam", "--quiet")
+    assert quiet.exit_code == 0 and "━" not in quiet.output and "kB" not in quiet.output
+    assert hub_bars == [True]  # the Hub file was cached: no second Hub download
 
 
 @pytest.mark.parametrize("variable", ["OVSS_OFFLINE", "HF_HUB_OFFLINE"])
-def test_offline_segment_names_the_download_command(hosts, sample_images, tmp_path, variable):
+def test_offline_segment_names_the_download_command(hosts, sample_images, tmp_path, variable, monkeypatch):
     """A compute node without internet: the default SAN checkpoint is missing, the run stops
     with exit 4 before any request, naming the command that fetches it."""
     hub, other = hosts
+    attempts = forbid_connections(monkeypatch)
     result = invoke("segment", str(sample_images / "cat.png"), "--classes", "cat", "--out", str(tmp_path / "o"),
                     env={variable: "1"})
     assert result.exit_code == 4
@@ -113,7 +169,7 @@ def test_offline_segment_names_the_download_command(hosts, sample_images, tmp_pa
     assert "san-vit-b16 is not in the cache and downloads are off" in text
     assert "run `ovss models download san-vit-b16` on a machine with internet access" in text
     assert "Traceback" not in text
-    assert hub.log == [] and other.log == []
+    assert hub.log == [] and other.log == [] and attempts == []
 
 
 def test_models_json_parses(caches):

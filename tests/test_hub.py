@@ -19,7 +19,7 @@ from ovss_cli.errors import WeightsError
 from ovss_cli.weights import cached_path, fetch, find_cached, prefetch, resolve_weights
 from ovss_cli.zoo import ZOO, HubFile, UrlFile, ZooEntry
 
-from fake_hosts import FakeHost, isolate_caches, isolate_network, running
+from fake_hosts import FakeHost, forbid_connections, isolate_caches, isolate_network, running
 
 PAYLOAD = bytes((i * 13 + i // 97) % 256 for i in range(200_000))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -229,6 +229,7 @@ def test_ovss_cache_is_looked_at_first(hub_host, caches):
 @pytest.mark.parametrize("variable", ["OVSS_OFFLINE", "HF_HUB_OFFLINE"])
 def test_offline_makes_no_request(hub_host, other_host, monkeypatch, variable):
     monkeypatch.setenv(variable, "1")
+    attempts = forbid_connections(monkeypatch)
     for entry in (hub_entry(), url_entry(other_host)):
         with pytest.raises(WeightsError) as info:
             fetch(entry, progress=False)
@@ -238,7 +239,7 @@ def test_offline_makes_no_request(hub_host, other_host, monkeypatch, variable):
         assert f"put it at {cached_path(entry)}," in message and "\n" not in message
     with pytest.raises(WeightsError, match="downloads are off"):
         weights.download(url_entry(other_host), progress=False)  # the low-level downloader too
-    assert hub_host.log == [] and other_host.log == []
+    assert hub_host.log == [] and other_host.log == [] and attempts == []
 
 
 def test_offline_uses_what_is_cached(hub_host, caches, monkeypatch):
