@@ -121,6 +121,11 @@ _FACTORIES: dict[str, str] = {
 }
 
 METHODS = tuple(_FACTORIES)
+# method name -> "module:function" checking its option values without loading anything
+_VALUE_CHECKS: dict[str, str] = {
+    "san": "ovss_cli.models.san.segmenter:check_san_options",
+    "sam": "ovss_cli.models.sam_alphaclip.segmenter:check_sam_options",
+}
 
 
 def _factory(method: str) -> Callable[..., Segmenter]:
@@ -140,6 +145,36 @@ def _check_options(method: str, factory: Callable[..., Segmenter], options: dict
             raise UsageError(f"option --{flag} does not apply to --method {method}")
 
 
+def check_segmenter_options(method: str, *, model: str | None = None, weights: str | None = None,
+                            clip_config: dict | str | None = None, device: str | torch.device = "cpu",
+                            **method_options: Any) -> None:
+    """Everything :func:`load_segmenter` refuses that can be known without loading a network:
+    the method, each option's name, device and precision, local checkpoint files, zoo names,
+    and the method's own values (``region``, ``fill``, ...). ``compare`` checks every entry
+    this way before the first one loads."""
+    from .runtime import resolve_device, resolve_precision
+    from .weights import check_local_checkpoint
+    from .zoo import get_entry
+
+    factory = _factory(method)
+    _check_options(method, factory, method_options)
+    resolve_precision(method_options.get("precision", "auto"), resolve_device(device))
+    module_name, func_name = _VALUE_CHECKS[method].split(":")
+    getattr(importlib.import_module(module_name), func_name)(model=model, **method_options)
+    for flag, local, name in (("--weights", weights, model), ("--sam-weights", method_options.get("sam_weights"),
+                                                                method_options.get("sam_model"))):
+        if local is not None and str(local) != "":
+            check_local_checkpoint(local, flag)
+        elif name is not None:
+            get_entry(name)
+    if method_options.get("clip_weights"):
+        check_local_checkpoint(method_options["clip_weights"], "--clip-weights")
+    if clip_config is not None:
+        from .clip.model import load_clip_config
+
+        load_clip_config(clip_config)
+
+
 def load_segmenter(
     method: str,
     *,
@@ -155,8 +190,9 @@ def load_segmenter(
     checkpoint used instead of the zoo download; ``clip_config`` is an open_clip model config
     (a dict or a JSON file path) for checkpoints built on a non-standard CLIP.
     """
+    check_segmenter_options(method, model=model, weights=weights, clip_config=clip_config, device=device,
+                            **method_options)
     factory = _factory(method)
-    _check_options(method, factory, method_options)
     segmenter = factory(model=model, weights=weights, clip_config=clip_config, device=device, **method_options)
     segmenter.identity = segmenter_identity(method, model=model, weights=weights, clip_config=clip_config,
                                             device=device, **method_options)
@@ -239,8 +275,8 @@ def segmenter_identity(method: str, *, model: str | None = None, weights: str | 
         options["precision"] = resolve_precision(options["precision"], resolve_device(device))
     config = clip_config
     if isinstance(config, (str, Path)) and Path(config).is_file():
-        import json
+        from .clip.model import load_clip_config
 
-        config = json.loads(Path(config).read_text(encoding="utf-8"))
+        config = load_clip_config(config)  # a file that is not a CLIP config is a UsageError
     return {"method": method, "model": model, "weights": _file_identity(weights), "clip_config": config,
             "options": options}

@@ -604,18 +604,24 @@ def resolve_weights(
     first if needed (see :func:`fetch`).
     """
     if local is not None and str(local) != "":
-        path = Path(local).expanduser()
-        if not path.exists():
-            raise WeightsError(
-                f"checkpoint not found: {path}; check the path passed to --weights "
-                f"(or leave --weights out to use the model zoo)"
-            )
-        if path.is_dir():
-            raise WeightsError(
-                f"checkpoint path is a directory, not a file: {path}; pass the checkpoint file itself to --weights"
-            )
-        return path
+        return check_local_checkpoint(local)
     return fetch(get_entry(name if name is not None else default), progress=progress)
+
+
+def check_local_checkpoint(local: str | Path, flag: str = "--weights") -> Path:
+    """``local`` (given with ``flag``) as a path, if it names an existing file; else a
+    :class:`WeightsError` saying what is wrong with it."""
+    path = Path(local).expanduser()
+    if not path.exists():
+        raise WeightsError(
+            f"checkpoint not found: {path}; check the path passed to {flag} "
+            f"(or leave {flag} out to use the model zoo)"
+        )
+    if path.is_dir():
+        raise WeightsError(
+            f"checkpoint path is a directory, not a file: {path}; pass the checkpoint file itself to {flag}"
+        )
+    return path
 
 
 # ------------------------------------------------------------------------------ load

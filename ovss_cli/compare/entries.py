@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..errors import UsageError
-from ..segmenter import METHODS, _check_options, _factory
+from ..errors import OvssError, UsageError
+from ..segmenter import METHODS, _check_options, _factory, check_segmenter_options
 
 # command-line options that name one method's checkpoint
 _CHECKPOINT_OPTIONS = ("model", "weights", "clip_config")
@@ -39,13 +39,13 @@ def parse_entries(methods: str | None, variants: Sequence[str], base: dict[str, 
     """Entries from ``--methods`` (default ``san,sam`` when no variant is given) then each
     ``--variant``; ``base`` holds the options given on the command line, which every entry
     whose method takes them starts from (a variant's own options win)."""
-    entries: list[Entry] = []
+    specs: list[tuple[str, str, dict[str, str]]] = []  # (label, method, options as written)
     if methods is not None or not variants:
         for name in (methods or "san,sam").split(","):
             name = name.strip()
             if not name:
                 raise UsageError(f"--methods {methods!r}: an entry is empty; write e.g. --methods san,sam")
-            entries.append(_entry(name, name, {}, base))
+            specs.append((name, name, {}))
     for spec in variants:
         label, sep, rest = spec.partition("=")
         method, _, options = rest.partition(":")
@@ -58,12 +58,13 @@ def parse_entries(methods: str | None, variants: Sequence[str], base: dict[str, 
             if not eq or not key.strip():
                 raise UsageError(f"--variant {spec!r}: {item!r} is not option=value")
             parsed[key.strip().replace("-", "_")] = value.strip()
-        entries.append(_entry(label.strip(), method.strip(), parsed, base))
+        specs.append((label.strip(), method.strip(), parsed))
     given = [k for k in _CHECKPOINT_OPTIONS if base.get(k) is not None]
-    if given and len({e.method for e in entries}) > 1:
+    if given and len({method for _, method, _ in specs}) > 1:
         flag = "--" + given[0].replace("_", "-")
         raise UsageError(f"{flag} names one method's checkpoint, but the entries use several methods; give it per "
                          f"entry instead, e.g. --variant \"mine=san:{given[0]}=FILE\"")
+    entries = [_entry(label, method, options, base) for label, method, options in specs]
     labels = [e.label for e in entries]
     for label in labels:
         if labels.count(label) > 1:
@@ -88,6 +89,10 @@ def _entry(label: str, method: str, options: dict[str, str], base: dict[str, Any
     hints = typing.get_type_hints(factory)
     for key, text in options.items():
         merged[key] = _value(label, key, text, hints.get(key, str))
+    try:  # the values load_segmenter would refuse (region=circle, precision=xyz, a missing file)
+        check_segmenter_options(method, **merged)
+    except OvssError as err:
+        raise type(err)(f"entry {label!r}: {err}") from None
     return Entry(label, method, merged)
 
 

@@ -105,6 +105,19 @@ def class_probabilities(name_logits: torch.Tensor, vocabulary: Vocabulary) -> to
     return vocabulary.best_name_per_class(name_logits, dim=1).softmax(dim=-1)
 
 
+def check_sam_options(*, region: str = "crop", fill: str = "none", min_score: float = DEFAULT_MIN_SCORE,
+                      templates: str | None = None, **_: Any) -> None:
+    """The option values :func:`build_sam_alphaclip_segmenter` refuses, checked without loading
+    anything (see :func:`~ovss_cli.segmenter.check_segmenter_options`)."""
+    check_region(region)
+    if fill not in FILL_MODES:
+        raise UsageError(f"unknown --fill {fill!r}; choose one of {', '.join(FILL_MODES)}")
+    if not 0.0 <= min_score <= 1.0:
+        raise UsageError(f"--min-score must be a probability in [0, 1], got {min_score}")
+    if templates is not None:
+        get_templates(templates)
+
+
 class SamAlphaClipSegmenter(Segmenter):
     """SAM proposals classified by Alpha-CLIP."""
 

@@ -188,6 +188,15 @@ class SanSegmenter(Segmenter):
         return self.predict_batch([image], vocabulary, with_scores=with_scores)[0]
 
 
+def check_san_options(*, model: str | None = None, templates: str | None = None, **_: Any) -> None:
+    """The option values :func:`build_san_segmenter` refuses, checked without loading anything
+    (see :func:`~ovss_cli.segmenter.check_segmenter_options`)."""
+    if model is not None:
+        get_san_config(model)
+    if templates is not None:
+        get_templates(templates)
+
+
 def build_san_segmenter(
     *,
     model: str | None = None,
