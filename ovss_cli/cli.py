@@ -495,8 +495,8 @@ def compare(
     classes: Optional[str] = typer.Option(None, "--classes", "-c", help='With PATHs: comma-separated class names, e.g. "cat,sofa".'),
     methods: Optional[str] = typer.Option(None, "--methods", help="Methods compared with their defaults (default san,sam when no --variant is given)."),
     variant: Optional[List[str]] = typer.Option(None, "--variant", help='An entry: "LABEL=METHOD:option=value,..." with load_segmenter keywords, e.g. "blur=sam:region=blur". Repeatable.'),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Compare on the first N images of the dataset."),
-    subset: Optional[float] = typer.Option(None, "--subset", help="Compare on an evenly spread fraction of the dataset."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Compare on the first N images (of the dataset, or of the PATHs' images in walk order)."),
+    subset: Optional[float] = typer.Option(None, "--subset", help="Compare on an evenly spread fraction of the images."),
     vocabulary_file: Optional[Path] = typer.Option(None, "--vocabulary-file", help="With a dataset: segment with this vocabulary instead (scored by semantic similarity)."),
     synonyms: str = typer.Option("whole", "--synonyms", help="Dataset class names: whole | split (as in evaluate)."),
     distractors: Optional[str] = typer.Option(None, "--distractors", help="coco-all | coco-stuff | none | FILE (default: none with a dataset, coco-all with PATHs, as evaluate and segment)."),
@@ -531,7 +531,7 @@ def compare(
             if "-" in paths:
                 raise UsageError("compare reads each image once per entry: give files or folders, not - (stdin)")
             vocab = load_vocabulary(classes, classes_file).with_distractors(distractor_names(distractors or "coco-all"))
-            source = Source(paths=list(paths), vocabulary=vocab)
+            source = Source(paths=list(paths), vocabulary=vocab, limit=limit, subset=subset)
         else:
             if dataset is not None:
                 data = open_dataset(dataset, dataset_root(str(data_root) if data_root else None))

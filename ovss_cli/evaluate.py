@@ -23,7 +23,7 @@ from .io.atomic import atomic_open, atomic_write_text
 from .io.images import read_image
 from .io.prefetch import prefetched
 from .io.text_files import read_user_text
-from .io.outputs import write_label_png
+from .io.outputs import read_label_png, write_label_png
 from .metrics import ConfusionMatrix, SemanticSimilarity, SemSegMetrics, WordClassTable, cosine_similarity_matrix, semantic_similarity
 from .runs.distributed import Distributed
 from .runs.shards import Share
@@ -39,6 +39,7 @@ class SampleResult:
     ok: bool
     seconds: float = 0.0
     error: str | None = None
+    reused: bool = False  # scored from the prediction an earlier run saved (reuse_predictions)
 
     @property
     def path(self) -> Path:
@@ -186,6 +187,7 @@ def evaluate_dataset(
     limit: int | None = None,
     subset: float | None = None,
     predictions_dir: str | Path | None = None,
+    reuse_predictions: bool = False,
     strict: bool = False,
     share: Share = Share(),
     dist: Distributed | None = None,
@@ -195,7 +197,10 @@ def evaluate_dataset(
 
     ``vocabulary`` / ``per_image_vocabulary`` switch to open-vocabulary scoring;
     ``distractors`` compete with the classes (pixels they win count as misses);
-    ``predictions_dir`` saves each prediction as a label PNG named after the sample id.
+    ``predictions_dir`` saves each prediction as a label PNG named after the sample id; with
+    ``reuse_predictions`` a prediction already saved there is scored instead of segmenting its
+    image again (an interrupted run resumes image by image: the caller makes sure the folder
+    was written with the same settings).
     A sample that cannot be read, segmented or saved is a failure: it is left out of the
     metrics, listed, and the result is marked partial; ``strict`` makes the first failure an
     :class:`~ovss_cli.errors.InputError` instead. ``share`` evaluates one shard of the samples
@@ -245,15 +250,19 @@ def evaluate_dataset(
         if distractors:
             vocab = vocab.with_distractors(distractors)
         saved: Path | None = None
+        earlier = _saved_prediction(predictions_dir, sample, label.shape) if reuse_predictions else None
         try:
-            with torch.inference_mode():
-                prediction = predict_robustly(segmenter, [image], vocab)[0]
-            if isinstance(prediction, BaseException):
-                raise prediction
-            predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
-            if predictions_dir is not None:
-                saved = Path(predictions_dir) / f"{sample.id}.png"
-                write_label_png(saved, predicted, len(vocab))
+            if earlier is not None:
+                predicted = earlier
+            else:
+                with torch.inference_mode():
+                    prediction = predict_robustly(segmenter, [image], vocab)[0]
+                if isinstance(prediction, BaseException):
+                    raise prediction
+                predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
+                if predictions_dir is not None:
+                    saved = Path(predictions_dir) / f"{sample.id}.png"
+                    write_label_png(saved, predicted, len(vocab))
             # both accumulators check the whole sample before adding any of it
             try:
                 if confusion is not None:
@@ -277,7 +286,7 @@ def evaluate_dataset(
             continue
         result.images += 1
         if on_result is not None:
-            on_result(SampleResult(sample, ok=True, seconds=time.perf_counter() - t0))
+            on_result(SampleResult(sample, ok=True, seconds=time.perf_counter() - t0, reused=earlier is not None))
     result.seconds = time.perf_counter() - start
 
     if dist.enabled:  # every rank ends with the whole evaluation
@@ -294,6 +303,22 @@ def evaluate_dataset(
                 word_counts.merge(p[4])
     finish_evaluation(result, confusion, word_counts, segmenter.embed_names, bench_vocab.names)
     return result
+
+
+def _saved_prediction(predictions_dir: str | Path | None, sample: Sample,
+                      shape: tuple[int, ...]) -> np.ndarray | None:
+    """The prediction an earlier run saved for ``sample`` (labels, -1 unlabelled), or None
+    when there is none, or it is unreadable or not the label's size (then it is made again)."""
+    if predictions_dir is None:
+        return None
+    path = Path(predictions_dir) / f"{sample.id}.png"
+    if not path.is_file():
+        return None
+    try:
+        labels = read_label_png(path)
+    except (OSError, ValueError):
+        return None
+    return labels if labels.shape == tuple(shape) else None
 
 
 def finish_evaluation(result: EvaluationResult, confusion: ConfusionMatrix | None, word_counts: WordCounts | None,

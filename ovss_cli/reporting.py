@@ -200,35 +200,52 @@ def print_zoo(rows: list[dict], cache, console: Console | None = None) -> None:
 
 def print_comparison(summary: dict, out_dir, console: Console | None = None) -> None:
     """`ovss compare`'s tables on stdout: one row per entry, the gains and losses between the
-    first two, and (several entries) how often they label a pixel alike."""
+    first two, and (several entries) how often they label a pixel alike. A terminal too narrow
+    for the entries' table (e.g. 80 columns) gets it as two: what each entry is and scores,
+    then its speed and size; long names wrap instead of being cut."""
     from .compare.report import metric_columns, metric_value
 
     console = console or Console()
-    metrics = metric_columns(summary)
-    table = Table(title=f"ovss compare: {summary.get('subject', '')} ({summary['images']} images)")
-    for col in ("entry", "method", "model"):
-        table.add_column(col)
-    for title, _ in metrics:
-        table.add_column(title, justify="right")
-    for col in ("images/s", "s/image", "p95", "peak MiB", "params (M)", "failed"):
-        table.add_column(col, justify="right")
+    entries = summary["entries"]
 
     def num(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    for e in summary["entries"]:
-        cells = [e["label"], e["method"], str(e.get("model") or "")]
-        cells += [num(metric_value(e, key), 4 if key.startswith("similarity") else 2) for _, key in metrics]
-        cells += [num(e["images_per_second"]), num(e["seconds_per_image"], 3), num(e["seconds_per_image_p95"], 3),
-                  f"{e['peak_memory_mib']:.0f} {e['memory']}", f"{e['parameters'] / 1e6:.1f}", str(e["failed"])]
-        table.add_row(*cells)
-    console.print(table)
+    kinds = sorted({e["memory"] for e in entries})
+    described = [("entry", lambda e: e["label"]), ("method", lambda e: e["method"]),
+                 ("model", lambda e: str(e.get("model") or ""))]
+    scores = [(title, lambda e, key=key: num(metric_value(e, key), 4 if key.startswith("similarity") else 2))
+              for title, key in metric_columns(summary)]
+    costs = [("images/s", lambda e: num(e["images_per_second"])), ("s/image", lambda e: num(e["seconds_per_image"], 3)),
+             ("p95 s", lambda e: num(e["seconds_per_image_p95"], 3)),
+             (f"peak MiB ({', '.join(kinds)})", lambda e: f"{e['peak_memory_mib']:.0f}"),
+             ("params (M)", lambda e: f"{e['parameters'] / 1e6:.1f}"), ("failed", lambda e: str(e["failed"]))]
+
+    def table(title: str, columns) -> Table:
+        out = Table(title=title)
+        rows = [[cell(e) for _, cell in columns] for e in entries]
+        for i, (name, _) in enumerate(columns):
+            numeric = (name, _) not in described
+            # names and titles wrap; a number is never cut (its column is at least as wide)
+            out.add_column(name, justify="right" if numeric else "left", overflow="fold",
+                           min_width=max(len(r[i]) for r in rows) if numeric and rows else None)
+        for row in rows:
+            out.add_row(*row)
+        return out
+
+    title = f"ovss compare: {summary.get('subject', '')} ({summary['images']} images)"
+    whole = table(title, described + scores + costs)
+    if console.measure(whole, options=console.options.update_width(10_000)).maximum <= console.width:
+        console.print(whole)
+    else:
+        console.print(table(title, described + scores))
+        console.print(table("speed and size", described[:1] + costs))
     changes = summary.get("gains_and_losses")
     if changes and (changes["gains"] or changes["losses"]):
         diff = Table(title=f"IoU: {changes['second']} against {changes['first']}")
         for col, justify in (("class", "left"), ("change", "right"), (changes["first"], "right"),
                              (changes["second"], "right")):
-            diff.add_column(col, justify=justify)
+            diff.add_column(col, justify=justify, overflow="fold")
         for c in changes["gains"] + changes["losses"]:
             colour = "green" if c["change"] > 0 else "red"
             diff.add_row(c["class"], f"[{colour}]{c['change']:+.2f}[/{colour}]", num(c["first"]), num(c["second"]))
@@ -236,9 +253,9 @@ def print_comparison(summary: dict, out_dir, console: Console | None = None) -> 
     agree = summary["agreement"]
     if len(agree["labels"]) > 1:
         same = Table(title="pixels labelled alike (%)")
-        same.add_column("")
+        same.add_column("", overflow="fold")
         for label in agree["labels"]:
-            same.add_column(label, justify="right")
+            same.add_column(label, justify="right", overflow="fold")
         for label, line in zip(agree["labels"], agree["fraction"]):
             same.add_row(label, *[num(None if v is None else 100 * v, 1) for v in line])
         console.print(same)

@@ -184,11 +184,11 @@ class OutputWriter:
         written: list[Path] = []
         try:
             if "png" in self.formats:
-                path = self.out_dir / "labels" / stem.with_suffix(".png")
+                path = self.out_dir / "labels" / stem.with_name(stem.name + ".png")  # keeps dots: frame.001
                 write_label_png(path, labels, self.num_values)
                 written.append(path)
             if "overlay" in self.formats:
-                path = self.out_dir / "overlays" / stem.with_suffix(".png")
+                path = self.out_dir / "overlays" / stem.with_name(stem.name + ".png")  # keeps dots: frame.001
                 write_rgb_png(path, render_overlay(image, labels, self.names, self.colors))
                 written.append(path)
         except BaseException:

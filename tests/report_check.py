@@ -41,15 +41,15 @@ def ensure_chromium() -> str:
 
 
 def build_comparison(out: Path) -> Path:
-    """A small comparison of the seeded models on coloured shapes; returns its folder."""
-    from helpers import write_seeded_alpha_clip, write_seeded_san, write_shapes_dataset
+    """A small comparison of the seeded models on coloured shapes; returns its folder. The
+    entries are chosen to disagree (a SAN seeded so that it names two classes, SAM with and
+    without alpha), so every section of the report has something in it."""
+    from helpers import write_seeded_alpha_clip, write_seeded_sam, write_seeded_san, write_shapes_dataset
 
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    san = write_seeded_san(models / "san.pth")
+    san = write_seeded_san(models / "san.pth", seed=1)
     clip, alpha = write_seeded_alpha_clip(models)
-    from helpers import write_seeded_sam
-
     sam = write_seeded_sam(models / "sam.pth")
     images, labels, classes = write_shapes_dataset(out / "data", 4, seed=3, size=96)
     sam_options = (f"weights={alpha},clip_weights={clip},sam_weights={sam},points_per_side=2,pred_iou_thresh=0,"
@@ -57,8 +57,8 @@ def build_comparison(out: Path) -> Path:
     report = out / "comparison"
     command = [sys.executable, "-m", "ovss_cli", "compare", "--images", str(images), "--labels", str(labels),
                "--classes-file", str(classes), "--variant", f"san=san:weights={san},resize_short=none",
-               "--variant", f"sam crop=sam:{sam_options},region=crop",
-               "--variant", f"sam blur=sam:{sam_options},region=blur", "--out", str(report), "--device", "cpu"]
+               "--variant", f"sam blur, no alpha=sam:{sam_options},region=blur,no_alpha=true",
+               "--variant", f"sam crop=sam:{sam_options},region=crop", "--out", str(report), "--device", "cpu"]
     subprocess.run(command, check=True)
     return report
 

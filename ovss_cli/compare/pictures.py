@@ -12,8 +12,7 @@ import numpy as np
 
 from ..io.atomic import atomic_open
 from ..io.images import read_image
-from ..io.outputs import class_colors, render_overlay, write_rgb_png
-from .summary import read_labels
+from ..io.outputs import class_colors, read_label_png, render_overlay, write_rgb_png
 
 PANEL_HEIGHT = 240
 TITLE_HEIGHT = 28
@@ -27,16 +26,36 @@ def palette(class_names: Sequence[str]) -> np.ndarray:
     return np.vstack([class_colors(len(class_names)), np.array([OTHER_COLOR], np.uint8)])
 
 
+def panel_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of a sheet panel for an image of ``shape``: :data:`PANEL_HEIGHT` tall."""
+    h, w = shape[:2]
+    return PANEL_HEIGHT, max(1, round(w * PANEL_HEIGHT / h))
+
+
+def to_panel(image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (smoothly) and ``labels`` (nearest pixel) at the panel size, so that overlays
+    and their class names are drawn at the size they are shown (not drawn small and blown up)."""
+    height, width = panel_size(image.shape)
+    h, w = image.shape[:2]
+    scaled = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if h > height else cv2.INTER_LINEAR)
+    if labels is not None:
+        rows = np.minimum((np.arange(height) + 0.5) * h / height, h - 1).astype(np.int64)
+        cols = np.minimum((np.arange(width) + 0.5) * w / width, w - 1).astype(np.int64)
+        labels = labels[rows][:, cols]
+    return scaled, labels
+
+
 def titled(panel: np.ndarray, title: str) -> np.ndarray:
     """``panel`` scaled to the sheet's height under a dark strip with ``title`` in it."""
-    h, w = panel.shape[:2]
-    width = max(1, round(w * PANEL_HEIGHT / h))
-    panel = cv2.resize(panel, (width, PANEL_HEIGHT), interpolation=cv2.INTER_NEAREST if h < PANEL_HEIGHT
-                       else cv2.INTER_AREA)
-    width = max(width, 12 + 9 * len(title))  # room for the title
+    height, width = panel_size(panel.shape)
+    if panel.shape[:2] != (height, width):
+        panel = cv2.resize(panel, (width, height), interpolation=cv2.INTER_AREA if panel.shape[0] > height
+                           else cv2.INTER_LINEAR)
+    text = title.encode("ascii", "replace").decode("ascii")
+    (text_width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    width = max(width, text_width + 12)  # room for the title
     out = np.full((TITLE_HEIGHT + PANEL_HEIGHT, width, 3), 32, np.uint8)
     out[TITLE_HEIGHT:, : panel.shape[1]] = panel
-    text = title.encode("ascii", "replace").decode("ascii")
     cv2.putText(out, text, (6, TITLE_HEIGHT - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return out
 
@@ -54,31 +73,32 @@ def contact_sheet(panels: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
 def write_sheets(out_dir: Path, rows: Sequence[dict[str, Any]], labels: Sequence[str], class_names: Sequence[str],
                  ignore_label: int | None = None, limit: int | None = None,
                  truth_names: Sequence[str] | None = None) -> list[str]:
-    """``sheets/<key>.png`` for the first ``limit`` images (all by default); returns their paths
-    relative to ``out_dir``. ``truth_names`` name the ground truth's labels when they are not
-    the predicted vocabulary's (open-vocabulary comparisons)."""
+    """Each row's contact sheet (``row["sheet"]``, see :func:`~.summary.image_rows`) for the
+    first ``limit`` images (all by default); returns their paths relative to ``out_dir``.
+    ``truth_names`` name the ground truth's labels when they are not the predicted
+    vocabulary's (open-vocabulary comparisons)."""
     names = list(class_names) + ["other"]
     colors = palette(class_names)
     truth_names = list(truth_names) if truth_names is not None else list(class_names)
     written = []
     for row in rows[:limit]:
         image = read_image(row["image"])
-        panels = [("image", image)]
+        shown, _ = to_panel(image)
+        panels = [("image", shown)]
         if row.get("label"):
             from ..datasets import read_label
 
             truth = read_label(row["label"])
             truth = np.where((truth == ignore_label) | (truth < 0) | (truth >= len(truth_names)), -1, truth)
-            panels.append(("ground truth", render_overlay(image, truth, truth_names, palette(truth_names))))
+            panels.append(("ground truth", render_overlay(*to_panel(image, truth), truth_names, palette(truth_names))))
         for label in labels:
             pred = row["predictions"].get(label)
             if pred:
-                panels.append((label, render_overlay(image, read_labels(out_dir / pred), names, colors)))
+                panels.append((label, render_overlay(*to_panel(image, read_label_png(out_dir / pred)), names, colors)))
             else:
-                panels.append((f"{label} (failed)", np.zeros_like(image)))
-        rel = (Path("sheets") / row["key"]).with_suffix(".png")
-        write_rgb_png(out_dir / rel, contact_sheet(panels))
-        written.append(rel.as_posix())
+                panels.append((f"{label} (failed)", np.zeros_like(shown)))
+        write_rgb_png(out_dir / row["sheet"], contact_sheet(panels))
+        written.append(row["sheet"])
     return written
 
 
@@ -111,9 +131,9 @@ def class_chart(path: Path, entries: Sequence[dict[str, Any]], values_key: str, 
     ax.set_xlabel(xlabel)
     ax.set_title(f"{xlabel} per class{note}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the bars
     fig.tight_layout()
     with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png")
+        fig.savefig(handle, format="png", bbox_inches="tight")
     plt.close(fig)
     return path.name

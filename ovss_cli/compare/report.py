@@ -18,9 +18,11 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans
        max-width: 1200px; padding: 0 1em; color: #1b1b1b; background: #fff; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 p.meta { color: #555; margin-top: 0; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #d0d0d0; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; } td.text, th.text { text-align: left; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; max-width: 100%; }
+th, td { border: 1px solid #d0d0d0; padding: 0.3em 0.5em; text-align: right; }
+td { white-space: nowrap; font-variant-numeric: tabular-nums; }
+th { background: #f2f2f2; vertical-align: bottom; } td.text, th.text { text-align: left; }
+td.text { white-space: normal; overflow-wrap: anywhere; min-width: 4em; max-width: 18em; }
 td.best { font-weight: bold; background: #eaf6ea; }
 .up { color: #1a7f37; } .down { color: #b42318; }
 figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; }

@@ -10,19 +10,19 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 
 from ..io.atomic import atomic_write_text
-from ..io.outputs import write_jsonl
+from ..io.outputs import read_label_png, write_jsonl
 from .run import EntryResult
 
 IMAGES_FILE = "images.jsonl"
 
 
 def image_rows(out_dir: Path, results: Sequence[EntryResult], folders: Sequence[str], source) -> list[dict[str, Any]]:
-    """One row per compared image, in input order: its key, image and ground-truth files, and
-    each entry's label map (relative to ``out_dir``; None where the entry failed on it)."""
+    """One row per compared image, in input order: its key, image and ground-truth files, each
+    entry's label map (relative to ``out_dir``; None where the entry failed on it) and where
+    its contact sheet goes."""
     rows: list[dict[str, Any]] = []
     if source.has_ground_truth:
         for pos, sample in enumerate(source.dataset.samples(limit=source.limit, subset=source.subset)):
@@ -32,7 +32,8 @@ def image_rows(out_dir: Path, results: Sequence[EntryResult], folders: Sequence[
                 preds[result.label] = rel.as_posix() if (out_dir / rel).is_file() else None
             if any(preds.values()):
                 rows.append({"pos": pos, "key": sample.id, "image": str(sample.image_path),
-                             "label": str(sample.label_path), "predictions": preds})
+                             "label": str(sample.label_path), "predictions": preds,
+                             "sheet": (Path("sheets") / f"{sample.id}.png").as_posix()})  # ids may hold dots
     else:
         per_entry = []
         for folder in folders:
@@ -45,7 +46,8 @@ def image_rows(out_dir: Path, results: Sequence[EntryResult], folders: Sequence[
                 record = records.get(rel)
                 ok = record is not None and record["ok"]
                 preds[result.label] = (Path("entries") / folder / record["outputs"]["png"]).as_posix() if ok else None
-            rows.append({"pos": pos, "key": rel, "image": first["input"], "label": None, "predictions": preds})
+            rows.append({"pos": pos, "key": rel, "image": first["input"], "label": None, "predictions": preds,
+                         "sheet": (Path("sheets") / rel).with_suffix(".png").as_posix()})  # the walk keeps these unique
     return rows
 
 
@@ -58,14 +60,6 @@ def read_image_rows(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """A saved label map as int labels (unlabelled, 255 or 65535, becomes -1)."""
-    # via numpy's file reading: OpenCV crashes on paths that are not valid UTF-8
-    raw = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    labels = raw.astype(np.int64)
-    return np.where(labels == np.iinfo(raw.dtype).max, -1, labels)
-
-
 def pixel_statistics(out_dir: Path, rows: Sequence[dict[str, Any]], labels: Sequence[str],
                      num_values: int) -> tuple[list[list[float | None]], list[np.ndarray]]:
     """How often each pair of entries gives a pixel the same label (over the images both
@@ -76,7 +70,7 @@ def pixel_statistics(out_dir: Path, rows: Sequence[dict[str, Any]], labels: Sequ
     total = np.zeros((n, n), np.int64)
     counts = [np.zeros(num_values, np.int64) for _ in labels]
     for row in rows:
-        maps = [read_labels(out_dir / row["predictions"][label]) if row["predictions"][label] else None
+        maps = [read_label_png(out_dir / row["predictions"][label]) if row["predictions"][label] else None
                 for label in labels]
         for i in range(n):
             if maps[i] is None:
@@ -102,7 +96,7 @@ def entry_row(out_dir: Path, result: EntryResult, folder: str) -> dict[str, Any]
     row: dict[str, Any] = {
         "label": result.label, "method": result.method, "model": result.describe.get("model"),
         "settings": result.describe, "images": result.images, "failed": result.failed,
-        "images_per_second": result.images / result.seconds if result.seconds > 0 else None,
+        "images_per_second": result.images_per_second,
         "seconds_per_image": float(np.mean(times)) if times else None, "seconds_per_image_p95": _p95(times),
         "peak_memory_mib": result.peak_memory / 2**20, "memory": result.memory_kind,
         "parameters": result.parameters, "load_seconds": result.load_seconds, "folder": f"entries/{folder}",

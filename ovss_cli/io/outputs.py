@@ -20,7 +20,7 @@ from .jsontext import dumps
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _TEXT_COLOUR = (255, 255, 255)
-_OUTLINE_COLOUR = (16, 16, 16)
+_OUTLINE_DARKEN = 0.2
 _BOUNDARY_DARKEN = 0.45
 _MIN_FONT_SCALE = 0.35
 
@@ -90,6 +90,17 @@ def write_label_png(path: str | os.PathLike[str], labels: np.ndarray, num_values
     if labels.ndim != 2:
         raise ValueError(f"labels must be H x W, got shape {labels.shape}")
     atomic_write_bytes(path, _encode_png(encode_label_map(labels, num_values)))
+
+
+def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """A label PNG written by :func:`write_label_png` as int64 labels, the unlabelled value
+    (255 or 65535) back to ``UNLABELLED``; a file that is not one raises ``ValueError``."""
+    # via numpy's file reading: OpenCV crashes on paths that are not valid UTF-8
+    raw = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.ndim != 2 or raw.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path} is not a single-channel 8- or 16-bit label PNG")
+    labels = raw.astype(np.int64)
+    return np.where(raw == unlabelled_value(raw.dtype), UNLABELLED, labels)
 
 
 def write_rgb_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
@@ -218,16 +229,22 @@ def _draw_class_name(out: np.ndarray, mask: np.ndarray, name: str, base_scale: f
     scale = base_scale
     while scale >= _MIN_FONT_SCALE:
         thickness = max(1, round(scale * 1.5))
-        outline = thickness + 2
-        (width, height), baseline = cv2.getTextSize(text, _FONT, scale, outline)
-        x0 = centre_x - width // 2 - outline
-        y0 = centre_y - (height + baseline) // 2 - outline
-        x1, y1 = x0 + width + 2 * outline, y0 + height + baseline + 2 * outline
+        halo = 2  # outline width around the letters
+        (width, height), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+        x0 = centre_x - width // 2 - halo
+        y0 = centre_y - (height + baseline) // 2 - halo
+        x1, y1 = x0 + width + 2 * halo, y0 + height + baseline + 2 * halo
         inside = 0 <= x0 and 0 <= y0 and x1 <= region.shape[1] and y1 <= region.shape[0]
         if inside and region[y0:y1, x0:x1].all():
-            origin = (left + x0 + outline, top + y0 + outline + height)
-            cv2.putText(out, text, origin, _FONT, scale, _OUTLINE_COLOUR, outline, cv2.LINE_AA)
-            cv2.putText(out, text, origin, _FONT, scale, _TEXT_COLOUR, thickness, cv2.LINE_AA)
+            # the letters once, as coverage; the outline is that coverage grown by `halo` (drawing
+            # the text again with a thicker stroke would space thin letters differently)
+            ink = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.putText(ink, text, (halo, halo + height), _FONT, scale, 255, thickness, cv2.LINE_AA)
+            grown = cv2.dilate(ink, np.ones((2 * halo + 1, 2 * halo + 1), np.uint8)) > 0
+            box = out[top + y0 : top + y1, left + x0 : left + x1]
+            box[grown] = (box[grown] * _OUTLINE_DARKEN).astype(np.uint8)  # a dark shade of what is under it
+            cover = (ink.astype(np.float32) / 255.0)[..., None]
+            box[...] = np.rint(box * (1.0 - cover) + np.array(_TEXT_COLOUR, np.float32) * cover).astype(np.uint8)
             return
         scale *= 0.8
 

@@ -225,5 +225,5 @@ def _merge_comparison(folders: list[Path], out: Path) -> MergeResult:
 
 def _sheet_order(sheets: list[str], rows: list[dict]) -> list[str]:
     """Contact sheets in input order."""
-    position = {Path("sheets", r["key"]).with_suffix(".png").as_posix(): r["pos"] for r in rows}
+    position = {r["sheet"]: r["pos"] for r in rows}
     return sorted(sheets, key=lambda rel: position.get(rel, len(position)))
