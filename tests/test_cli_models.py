@@ -220,6 +220,9 @@ def test_version():
 
 
 def test_shell_completion(tmp_path, monkeypatch):
+    # the shell named explicitly, as a user would on a login node: otherwise Typer asks shellingham
+    # which shell started this process, and the answer depends on how the tests were launched
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     script = invoke("--show-completion", "bash")
     assert script.exit_code == 0 and "_OVSS_COMPLETE=complete_bash" in script.output
     # the completion protocol the installed script speaks: sub-commands, then zoo names
