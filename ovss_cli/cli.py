@@ -232,7 +232,7 @@ def segment(
         from .reporting import image_progress, print_plan, print_segment_summary
         from .distractors import distractor_names
         from .runs.shards import parse_shard
-        from .runs.state import RunLock
+        from .runs.state import RunLock, check_identity
         from .segment import parse_formats, plan_run, run_identity, segment_images
         from .segmenter import segmenter_identity
         from .vocabulary import load_vocabulary
@@ -242,9 +242,9 @@ def segment(
         fmt = parse_formats(formats)
         share = parse_shard(shard)
         walk = InputWalk(paths, exclude=[out])
+        method, kwargs = segmenter_arguments(model_options, quiet)
+        identity = run_identity(segmenter_identity(method, **kwargs), vocabulary, fmt)
         if dry_run:
-            method, kwargs = segmenter_arguments(model_options, quiet)
-            identity = run_identity(segmenter_identity(method, **kwargs), vocabulary, fmt)
             return print_plan(plan_run(walk, out, identity, overwrite=overwrite, share=share), walk)
         # a listing-only walk (nothing decoded) gives the progress bar its total and ETA, and
         # finds an input without images before a model is loaded
@@ -258,6 +258,8 @@ def segment(
         try:
             if dist.is_main:  # rank 0 takes the lock for all ranks
                 RunLock(out).check_free()
+                if not overwrite:  # outputs of other settings: refused before a model loads
+                    check_identity(out, identity)
             segmenter = build_segmenter(model_options, quiet or not dist.is_main)
             with image_progress(total, enabled=not quiet and dist.is_main,
                                 counter=dist.add_progress if dist.enabled else None) as advance:
@@ -266,8 +268,8 @@ def segment(
                                          on_result=advance)
         finally:
             dist.stop()
-        if not dist.is_main:
-            return EXIT_SOME_FAILED if summary.images_failed else 0
+        if not dist.is_main:  # rank 0 reports every rank's failures and sets the exit code; an
+            return 0          # early non-zero exit here would make torchrun stop rank 0 mid-write
         if not quiet:
             print_segment_summary(summary)
         else:
@@ -298,6 +300,7 @@ def evaluate(
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Write each prediction as a label PNG under OUT/predictions."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first sample that fails (default: leave it out, report it, mark the metrics partial)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Evaluate shard i of n (0-based, e.g. 0/4); `ovss merge` sums the shards' folders into the whole dataset's metrics."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Threads reading samples ahead (0: read in the main thread; default from the CPU count)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for metrics.json (default ovss_eval/<dataset>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
@@ -344,12 +347,12 @@ def evaluate(
                     segmenter, data, vocabulary=vocab, per_image_vocabulary=per_image, synonyms=synonyms,
                     distractors=distractor_names(distractors), limit=limit, subset=subset, on_result=advance,
                     predictions_dir=out_dir / "predictions" if save_predictions else None, strict=strict,
-                    share=share, dist=dist,
+                    share=share, dist=dist, workers=workers,
                 )
         finally:
             dist.stop()
-        if not dist.is_main:  # rank 0 writes and prints the whole evaluation
-            return EXIT_SOME_FAILED if result.failed else 0
+        if not dist.is_main:  # rank 0 writes and prints the whole evaluation, and sets the exit
+            return 0          # code (a non-zero exit here would make torchrun stop rank 0 mid-write)
         paths = write_evaluation(result, out_dir)
         if as_json:
             print(json.dumps(result.to_dict(), indent=2))

@@ -57,6 +57,7 @@ class EvaluationResult:
     failed: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # every failed sample: (image, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (image, note), e.g. a CPU fallback
     metrics: SemSegMetrics | None = None
     confusion: ConfusionMatrix | None = None
     similarity: SemanticSimilarity | None = None
@@ -88,6 +89,8 @@ class EvaluationResult:
             "images_per_second": round(self.images_per_second, 4),
             "failures": [{"input": p, "error": e} for p, e in self.failures],
         }
+        if self.warnings:
+            out["warnings"] = [{"input": p, "warning": w} for p, w in self.warnings]
         if self.shard is not None:
             out["shard"] = {"index": self.shard[0], "count": self.shard[1]}
         if self.identity:
@@ -191,6 +194,7 @@ def evaluate_dataset(
     strict: bool = False,
     share: Share = Share(),
     dist: Distributed | None = None,
+    workers: int | None = None,
     on_result: Callable[[SampleResult], None] | None = None,
 ) -> EvaluationResult:
     """Run ``segmenter`` over ``dataset`` and score it (see the module docstring).
@@ -205,7 +209,8 @@ def evaluate_dataset(
     metrics, listed, and the result is marked partial; ``strict`` makes the first failure an
     :class:`~ovss_cli.errors.InputError` instead. ``share`` evaluates one shard of the samples
     (``ovss merge`` sums shards); under torchrun (``dist``) each rank takes its part and the
-    counts are summed over ranks, so every rank returns the whole evaluation.
+    counts are summed over ranks, so every rank returns the whole evaluation. ``workers``
+    threads read samples ahead (0: read in this thread; default from the CPU count).
     """
     if vocabulary is not None and per_image_vocabulary is not None:
         raise UsageError("give either --vocabulary-file or --per-image-vocabulary, not both")
@@ -237,7 +242,15 @@ def evaluate_dataset(
         if on_result is not None:
             on_result(SampleResult(sample, ok=False, error=reason))
 
-    for sample, loaded in prefetched(samples, lambda s: _read(s, dataset), depth=2):
+    from .segment import default_workers
+
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise UsageError("--workers must be 0 or more")
+    read = (lambda s: _read(s, dataset))
+    loading = prefetched(samples, read, depth=2 * workers, workers=workers) if workers > 0 else \
+        ((s, read(s)) for s in samples)
+    for sample, loaded in loading:
         t0 = time.perf_counter()
         if isinstance(loaded, BaseException):
             fail(sample, loaded)
@@ -259,6 +272,7 @@ def evaluate_dataset(
                     prediction = predict_robustly(segmenter, [image], vocab)[0]
                 if isinstance(prediction, BaseException):
                     raise prediction
+                result.warnings += [(str(sample.image_path), note) for note in prediction.warnings]
                 predicted = np.where(prediction.labels == OTHER, UNLABELLED, prediction.labels)  # "other" is a miss
                 if predictions_dir is not None:
                     saved = Path(predictions_dir) / f"{sample.id}.png"
@@ -292,11 +306,13 @@ def evaluate_dataset(
     if dist.enabled:  # every rank ends with the whole evaluation
         if confusion is not None:
             confusion = ConfusionMatrix.from_matrix(dist.all_reduce_sum(confusion.matrix.copy()), dataset.ignore_label)
-        parts = dist.all_gather((result.images, result.failed, result.failures, result.seconds, word_counts))
+        parts = dist.all_gather((result.images, result.failed, result.failures, result.seconds, word_counts,
+                                 result.warnings))
         result.images = sum(p[0] for p in parts)
         result.failed = sum(p[1] for p in parts)
         result.failures = [f for p in parts for f in p[2]]
         result.seconds = max(p[3] for p in parts)
+        result.warnings = [w for p in parts for w in p[5]]
         if word_counts is not None:
             word_counts = WordCounts(dataset.num_classes)
             for p in parts:

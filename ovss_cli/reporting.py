@@ -16,13 +16,19 @@ stderr = Console(stderr=True)
 
 @contextmanager
 def image_progress(total: int | None, enabled: bool, label: str = "segmenting",
-                   counter: Callable[[int], int] | None = None) -> Iterator:
+                   counter: Callable[[int, int, int], tuple[int, int, int]] | None = None) -> Iterator:
     """Yields a callback advancing a bar that shows images/s and the ETA (no-op when disabled).
 
-    ``counter`` counts finished inputs across processes (torchrun) and returns the total so far:
-    the bar then shows every rank's progress, and ranks without a bar still count theirs."""
+    ``counter(done, failed, reused)`` counts finished inputs across processes (torchrun) and
+    returns the totals so far: the bar then shows every rank's progress (and, once the block
+    ends, the final totals), and ranks without a bar still count theirs."""
+
+    def counts(result) -> tuple[int, int, int]:
+        failed = int(result is not None and not result.ok)
+        return 1, failed, int(bool(getattr(result, "reused", False)))
+
     if not enabled:
-        yield (lambda result=None: counter(1)) if counter is not None else (lambda result=None: None)
+        yield (lambda result=None: counter(*counts(result))) if counter is not None else (lambda result=None: None)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -38,27 +44,28 @@ def image_progress(total: int | None, enabled: bool, label: str = "segmenting",
     )
     with progress:
         task = progress.add_task(label, total=total, rate="-", failed=0, reused=0)
-        failed = reused = 0
+        totals = [0, 0, 0]  # completed, failed, reused (every rank's, under torchrun)
+
+        def show(completed: int, failed: int, reused: int) -> None:
+            totals[:] = [completed, failed, reused]
+            elapsed = progress.tasks[0].elapsed
+            done = completed - failed - reused
+            rate = done / elapsed if elapsed and done > 0 else 0.0
+            progress.update(task, completed=completed, rate=f"{rate:.2f}" if rate else "-", failed=failed,
+                            reused=reused)
 
         def advance(result=None) -> None:
             """``result``: anything with ``ok``, ``path`` and ``error`` (a segment or evaluate
             result; ``reused`` when it was complete from an earlier run)."""
-            nonlocal failed, reused
             if result is not None and not result.ok:
-                failed += 1
                 progress.console.print(f"[red]failed[/red] {escape(str(result.path))}: {escape(str(result.error))}",
                                        markup=True, highlight=False)
-            reused += bool(getattr(result, "reused", False))
-            if counter is not None:
-                progress.update(task, completed=counter(1))
-            else:
-                progress.advance(task)
-            t = progress.tasks[0]
-            done = t.completed - failed - reused
-            rate = done / t.elapsed if t.elapsed and done > 0 else 0.0
-            progress.update(task, rate=f"{rate:.2f}" if rate else "-", failed=failed, reused=reused)
+            step = counts(result)
+            show(*(counter(*step) if counter is not None else (t + s for t, s in zip(totals, step))))
 
         yield advance
+        if counter is not None:  # the other ranks' last inputs, counted after rank 0's own
+            show(*counter(0, 0, 0))
 
 
 def print_plan(plan, walk, console: Console | None = None) -> int:
@@ -92,6 +99,9 @@ def print_segment_summary(summary: SegmentSummary, console: Console = stderr) ->
         head.add_row("warning", summary.excluded)
     if summary.skipped:
         head.add_row("skipped", f"files that are not images: {summary.skipped}")
+    if summary.warnings:  # per image in manifest.jsonl
+        head.add_row("notes", "; ".join(f"{note} ({n} image{'s' if n > 1 else ''})"
+                                        for note, n in summary.warnings.most_common()))
     head.add_row("time", f"{summary.seconds:.1f} s ({rate:.2f} images/s)")
     merged = summary.vocabulary.merged_distractors
     if merged:
@@ -171,6 +181,10 @@ def print_evaluation(result, per_class: bool = False, paths: dict | None = None,
                       "images failed and are not in the metrics (listed in metrics.json)", highlight=False)
     for path, reason in result.failures[:20]:
         console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False)
+    for path, note in result.warnings[:20]:
+        console.print(f"[yellow]warning[/yellow] {escape(path)}: {escape(note)}", highlight=False)
+    if len(result.warnings) > 20:
+        console.print(f"... and {len(result.warnings) - 20} more warnings (listed in metrics.json)", highlight=False)
     for name, path in (paths or {}).items():
         console.print(f"{name}: {path}", highlight=False)
 

@@ -90,6 +90,7 @@ class SegmentSummary:
     images_reused: int = 0  # complete from an earlier run, skipped
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), first 100
+    warnings: Counter = field(default_factory=Counter)  # note -> images (e.g. a CPU fallback, a GIF's first frame)
     class_images: Counter = field(default_factory=Counter)
     class_fraction_sum: Counter = field(default_factory=Counter)
     outputs: dict[str, str] = field(default_factory=dict)
@@ -105,6 +106,7 @@ class SegmentSummary:
             self.images_reused += 1
         elif result.ok:
             self.images_ok += 1
+            self.warnings.update(result.warnings)
             for c, frac in result.class_fractions.items():
                 self.class_images[c] += 1
                 self.class_fraction_sum[c] += frac
@@ -119,6 +121,7 @@ class SegmentSummary:
         self.images_failed += other.images_failed
         self.images_reused += other.images_reused
         self.failures = (self.failures + other.failures)[:100]
+        self.warnings.update(other.warnings)
         self.class_images.update(other.class_images)
         self.class_fraction_sum.update(other.class_fraction_sum)
         self.seconds = max(self.seconds, other.seconds)
@@ -419,14 +422,16 @@ def segment_images(
     other = segmenter.can_label_other(vocabulary)
     summary = SegmentSummary(vocabulary)
     start = time.perf_counter()
+    writers = [share.with_rank(r, dist.world).writer_name for r in range(dist.world)]
     with run_state.locked(out_dir, enabled=dist.is_main):
         generation = None
         if dist.is_main:
             identity = run_identity(segmenter.identity or segmenter.describe(), vocabulary, formats)
             run_state.prepare(out_dir, identity, overwrite)
+            run_state.create_writers(out_dir, writers)
             summary.outputs["classes"] = str(write_legend_file(out_dir, vocabulary, other, segmenter.describe()))
             generation = run_state.new_generation()
-        generation = dist.broadcast(generation)
+        generation = dist.broadcast(generation)  # also: no rank starts before the state is set up
         state = run_state.RunState(out_dir, share.writer_name, generation)
         try:
             _run(segmenter, itertools.chain([first], items), vocabulary, out_dir, formats, batch_size, workers,
@@ -439,10 +444,10 @@ def segment_images(
         if dist.enabled:
             gathered = dist.all_gather(summary)
             if dist.is_main:
+                _check_rank_rows(out_dir, writers, generation, [g.images for g in gathered])
                 for other_summary in gathered[1:]:
                     summary.merge(other_summary)
         if dist.is_main:
-            writers = [share.with_rank(r, dist.world).writer_name for r in range(dist.world)]
             try:
                 summary.outputs.update(write_run_files(out_dir, vocabulary, formats, generation, writers))
             except OSError as err:
@@ -452,6 +457,20 @@ def segment_images(
         summary.skipped = inputs.skipped_text()
         summary.excluded = inputs.excluded_text()
     return summary
+
+
+def _check_rank_rows(out_dir: Path, writers: list[str], generation: str, expected: list[int]) -> None:
+    """Rank 0 writes the run-wide files from every rank's state file: each must hold the rows
+    its rank recorded, else (``--out`` not shared between machines) the run stops instead of
+    publishing a manifest that silently lacks them."""
+    from .errors import OutputError
+
+    for rank, (writer, count) in enumerate(zip(writers, expected)):
+        found = run_state.count_rows(out_dir, writer, generation)
+        if found != count:
+            raise OutputError(f"rank {rank} recorded {count} input(s) but {out_dir}/.ovss/{writer}.sqlite holds {found}: "
+                              "under torchrun on several machines, --out must be a folder all of them share "
+                              "(e.g. on NFS or Lustre); finished images are kept, run the same command again")
 
 
 def _run(segmenter: Segmenter, inputs: Iterator[InputImage], vocabulary: Vocabulary, out_dir: Path,

@@ -59,7 +59,7 @@ class Vocabulary:
             for name in cls.names:
                 if not name.strip():
                     raise UsageError(f"class {cls.name!r} has an empty name")
-                key = name.strip().lower()
+                key = name_key(name)
                 if key in seen:
                     raise UsageError(
                         f"duplicate class name {name.strip()!r} (also in class {seen[key]!r}); "
@@ -129,17 +129,19 @@ class Vocabulary:
         dropped; one that names the same thing as a class (contains its name as words, or is a
         known synonym: :func:`ovss_cli.distractors.same_thing_as`) joins that class, so its wins
         count for the class; repeats are skipped; the rest compete, and what they win is "other".
+        A class name holding commas (``"sofa, couch"``: one prompt, as benchmark lists and
+        class files write them) is matched by each of its comma-separated parts too.
         """
         from .distractors import same_thing_as
 
-        class_names = [c.names for c in self.classes]
-        own = {n.strip().lower() for names_ in class_names for n in names_}
+        class_names = [tuple(dict.fromkeys(part for n in c.names for part in _name_parts(n))) for c in self.classes]
+        own = {name_key(n) for names_ in class_names for n in names_}
         seen: set[str] = set()
         merged: dict[int, list[str]] = {}
         kept: list[str] = []
         dropped: list[str] = []
         for name in names:
-            key = name.strip().lower()
+            key = name_key(name)
             if not key or key in seen:
                 continue
             seen.add(key)
@@ -240,3 +242,17 @@ def as_vocabulary(vocabulary: "Vocabulary | Sequence[str] | str") -> Vocabulary:
     if isinstance(vocabulary, str):
         return parse_class_list(vocabulary)
     return Vocabulary(tuple(VocabularyClass(str(n).strip()) for n in vocabulary))
+
+
+def name_key(name: str) -> str:
+    """What makes two names the same to CLIP: Unicode-normalised (NFKC: "café" typed either way),
+    case-folded, runs of whitespace as one space, ends stripped."""
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def _name_parts(name: str) -> list[str]:
+    """A class name and, when it holds commas, each comma-separated part (``"sofa, couch"`` ->
+    ``["sofa, couch", "sofa", "couch"]``): what a distractor may name."""
+    return [name] + [part.strip() for part in name.split(",") if part.strip()] if "," in name else [name]

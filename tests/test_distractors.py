@@ -176,6 +176,21 @@ def test_distractors_naming_a_users_class_join_it():
     assert vocab.name_to_class[:3] == [0, 1, 1]
 
 
+def test_class_names_holding_commas_are_matched_by_each_part():
+    vocab = parse_class_lines(["cat", "sofa, couch", "person, people"]).with_distractors(distractor_names("coco-all"))
+    assert [c.names for c in vocab.classes][1:] == [("sofa, couch",), ("person, people",)]  # one prompt each
+    assert set(vocab.dropped_distractors) == {"cat", "couch", "person"}  # equal to a part
+    assert not {"couch", "person"} & set(vocab.distractors)
+    # a benchmark's whole names ("sofa, couch, lounge"): ADE-847 against the COCO names
+    from ovss_cli.datasets.classes import benchmark_class_names
+
+    ade = Vocabulary.for_benchmark(benchmark_class_names("ade847.txt")).with_distractors(distractor_names("coco-all"))
+    competing = set(ade.distractors)
+    assert not {"person", "car", "couch", "tv"} & competing
+    merged = {name for names in ade.merged_distractors.values() for name in names}
+    assert {"person", "car", "couch", "tv"} <= set(ade.dropped_distractors) | merged
+
+
 def test_a_merged_distractors_wins_count_for_its_class(image_with_other):
     folder, segmenter, _, _, _ = image_with_other
     image = read_image(folder / "in" / "scene.png")

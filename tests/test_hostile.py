@@ -162,6 +162,19 @@ VANISH_HOOK = textwrap.dedent("""
 """)
 
 
+ZOO_HOOK = textwrap.dedent("""
+    # Test hook: zoo entries on the test's local fake hosts (the real hosts cannot be reached).
+    import json
+    import os
+    spec = os.environ.get("OVSS_TEST_ZOO")
+    if spec:
+        from ovss_cli.zoo import ZOO, HubFile, UrlFile, ZooEntry
+        for e in json.loads(spec):
+            source = HubFile(e["repo"], e["file"]) if "repo" in e else UrlFile(e["url"])
+            ZOO[e["name"]] = ZooEntry(e["name"], e["kind"], source, e["size"], e["sha256"], "test", e["arch"])
+""")
+
+
 def imread(path: Path) -> np.ndarray | None:
     """cv2.imread, safe for names that are not UTF-8 (cv2.imread crashes on those)."""
     return cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -217,6 +230,35 @@ def test_a_folder_of_hostile_files(hostile_folder, san, work):
     for record in records:  # failed inputs left no output behind
         if not record["ok"]:
             assert not (out / "labels" / Path(record["rel"]).with_suffix(".png")).exists()
+
+
+def test_folders_without_permissions_fail_their_inputs_not_the_run(work, san):
+    """A folder that can be listed but not searched (its files cannot even be stat'ed), one that
+    cannot be listed, and a path on stdin into the first: each is a reported failure."""
+    folder = work / "locked-tree"
+    write_image(folder / "ok.jpg", 1, (24, 32))
+    write_image(folder / "no-search" / "a.jpg", 2, (24, 32))
+    write_image(folder / "no-list" / "b.jpg", 3, (24, 32))
+    (folder / "no-search").chmod(0o644)
+    (folder / "no-list").chmod(0o000)
+    out = work / "locked-out"
+    try:
+        proc = ovss("segment", folder, "--classes", "cat", "--weights", san, "--out", out, "--quiet", *FAST,
+                    work=work, permissions=True)
+        piped = ovss("segment", "-", "--classes", "cat", "--weights", san, "--out", work / "locked-out-2",
+                     "--quiet", *FAST, work=work, permissions=True,
+                     input=f"{folder / 'ok.jpg'}\n{folder / 'no-search' / 'a.jpg'}\n")
+    finally:
+        (folder / "no-search").chmod(0o755)
+        (folder / "no-list").chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    records = {r["rel"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert records["ok.jpg"]["ok"] and (out / "labels" / "ok.png").is_file()
+    assert "permission denied" in records["no-search/a.jpg"]["error"]
+    assert "cannot list directory" in records["no-list"]["error"]
+    assert piped.returncode == 1, piped.stderr
+    lines = [json.loads(line) for line in (work / "locked-out-2" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["ok"] for r in lines] == [True, False] and "permission denied" in lines[1]["error"]
 
 
 # --- two runs, one folder ----------------------------------------------------------------------
@@ -352,6 +394,51 @@ def test_the_wrong_kind_of_model_for_the_method_is_named(work, san, hostile_fold
         assert proc.returncode == 4, proc.stderr
         assert "Traceback" not in proc.stderr and fragment in " ".join(proc.stderr.split()), proc.stderr
     assert "it looks like a Segment Anything (SAM) checkpoint" in " ".join(proc.stderr.split())
+
+
+def test_a_cut_download_resumes_and_a_wrong_checksum_is_removed_not_used(work):
+    """Through the CLI, for a Hugging Face Hub file and a plain URL: the first transfer drops
+    after 10.5 MiB, the download resumes from there (a Range request), and since the bytes are not
+    the ones the zoo's sha256 names, the file is deleted and the command fails saying so."""
+    import hashlib
+    import re
+
+    from fake_hosts import FakeHost, running
+
+    # huggingface_hub writes 10 MiB chunks: a transfer cut after 10.5 MiB has one to resume from
+    served = np.random.default_rng(0).integers(0, 256, 11 << 20, dtype=np.uint8).tobytes()
+    pinned = hashlib.sha256(served[::-1]).hexdigest()  # the zoo names other content of the same size
+    cut = 21 << 19
+    hub, other = FakeHost(), FakeHost(files={"/dl/sam.pth": served})
+    hub.add_hub_file("org/net", "model.pth", served, commit="9" * 40)
+    hub.cut_first_get["/org/net/resolve/main/model.pth"] = cut
+    other.cut_first_get["/dl/sam.pth"] = cut
+    hook = work / "zoo-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(ZOO_HOOK)
+    with running(hub), running(other):
+        zoo = [{"name": "hostile-hub", "kind": "san", "repo": "org/net", "file": "model.pth", "size": len(served),
+                "sha256": pinned, "arch": "san-vit-b16"},
+               {"name": "hostile-url", "kind": "sam", "url": other.base + "/dl/sam.pth", "size": len(served),
+                "sha256": pinned, "arch": "vit_b"}]
+        env = {"PYTHONPATH": str(hook), "OVSS_TEST_ZOO": json.dumps(zoo), "HF_ENDPOINT": hub.base,
+               "HF_HOME": str(work / "hf-home"), "OVSS_HOME": str(work / "dl-home"),
+               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+        for name, host, prefix in (("hostile-hub", hub, "/org/"), ("hostile-url", other, "/dl/")):
+            runs = [ovss("models", "download", name, "--quiet", work=work, env=env)]
+            if "run again to resume" in runs[0].stderr:  # the downloader may resume in the same call
+                runs.append(ovss("models", "download", name, "--quiet", work=work, env=env))
+            final = runs[-1]
+            assert final.returncode == 4, final.stderr
+            assert "sha256" in final.stderr and name in final.stderr, final.stderr
+            ranges = [r.range for r in host.requests_to(prefix) if r.method == "GET"]
+            assert ranges[0] is None and len(ranges) >= 2, ranges
+            start = int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1))
+            assert 0 < start <= cut  # resumed where the cut transfer stopped
+        # nothing of the bad downloads is left to be used by a later run
+        leftovers = [p for home in (work / "hf-home", work / "dl-home") for p in home.rglob("*")
+                     if p.is_file() and p.stat().st_size > 0 and (p.name.endswith(".pth") or p.stat().st_size >= cut)]
+        assert leftovers == [], leftovers
 
 
 # --- vocabularies ----------------------------------------------------------------------------
@@ -496,6 +583,32 @@ def test_an_image_that_runs_out_of_gpu_memory_is_retried_alone_then_on_the_cpu(t
     fresh = load_segmenter("san", weights=str(seeded_san), resize_short=None)
     expected = fresh.predict(read_image(tmp_path / "in" / "2.jpg"), vocab).labels
     assert np.array_equal(cv2.imread(str(tmp_path / "out" / "labels" / "2.png"), cv2.IMREAD_UNCHANGED), expected)
+    # the fallback is in the run's summary too, and in an evaluation's report
+    assert summary.warnings == {GPU_FALLBACK_WARNING: 1}
+    from rich.console import Console
+
+    from ovss_cli.datasets import generic_dataset
+    from ovss_cli.evaluate import evaluate_dataset, write_evaluation
+    from ovss_cli.reporting import print_evaluation, print_segment_summary
+
+    console = Console(record=True, width=200)
+    print_segment_summary(summary, console)
+    assert f"{GPU_FALLBACK_WARNING} (1 image)" in console.export_text()
+    (tmp_path / "labels").mkdir()
+    for i in (0, 2):  # a small image and the one that runs out of memory, each with a label
+        height, width = read_image(tmp_path / "in" / f"{i}.jpg").shape[:2]
+        cv2.imwrite(str(tmp_path / "labels" / f"{i}.png"), np.zeros((height, width), np.uint8))
+    for i in (1, 3):
+        (tmp_path / "in" / f"{i}.jpg").unlink()
+    data = generic_dataset(tmp_path / "in", tmp_path / "labels", ["cat", "sofa"])
+    result = evaluate_dataset(segmenter, data)
+    assert result.images == 2 and result.warnings == [(str(tmp_path / "in" / "2.jpg"), GPU_FALLBACK_WARNING)]
+    write_evaluation(result, tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["warnings"] == [{"input": str(tmp_path / "in" / "2.jpg"), "warning": GPU_FALLBACK_WARNING}]
+    console = Console(record=True, width=200)
+    print_evaluation(result, console=console)
+    assert f"warning {tmp_path / 'in' / '2.jpg'}: {GPU_FALLBACK_WARNING}" in console.export_text()
 
 
 # --- signals ---------------------------------------------------------------------------------

@@ -167,6 +167,17 @@ def test_iter_inputs_walks_directories_sorted_and_filtered(tmp_path: Path) -> No
     assert all(item.path == root / item.rel for item in found)
 
 
+def test_sibling_folders_differing_only_in_case_get_distinct_output_folders(tmp_path: Path) -> None:
+    """Sub/x.jpg and sub/x.jpg would write the same label file on a case-insensitive disk."""
+    root = tmp_path / "data"
+    for rel in ("Sub/x.jpg", "sub/x.jpg", "sub/y.jpg", "sub/deep/z.jpg", "other/x.jpg"):
+        _touch(root / rel)
+    found = list(iter_inputs([str(root)]))
+    assert [(item.path.relative_to(root).as_posix(), item.rel.as_posix()) for item in found] == [
+        ("Sub/x.jpg", "Sub/x.jpg"), ("other/x.jpg", "other/x.jpg"), ("sub/deep/z.jpg", "sub_2/deep/z.jpg"),
+        ("sub/x.jpg", "sub_2/x.jpg"), ("sub/y.jpg", "sub_2/y.jpg")]
+
+
 def test_iter_inputs_files_stdin_and_rel_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _touch(tmp_path / "in/x.jpg")

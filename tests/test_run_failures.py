@@ -169,7 +169,7 @@ def test_a_writer_error_is_that_images_failure_and_leaves_none_of_its_files(tmp_
 def test_a_folder_without_images_says_what_it_skipped(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name in ("a.heic", "b.heic", "c.HEIC", "d.svg", "notes.txt"):
+    for name in ("a.heic", "b.heic", "c.HEIC", "d.svg", "notes.txt", ".hidden.jpg"):
         (folder / name).write_bytes(b"x")
     out = tmp_path / "out"
     # no --weights: nothing may be loaded (or downloaded) before the walk has found an image
@@ -178,6 +178,7 @@ def test_a_folder_without_images_says_what_it_skipped(tmp_path):
     text = " ".join(result.output.split())
     assert f"no image found in {folder}" in text and "skipped 5 other files (3 .heic, 1 .svg, 1 .txt)" in text
     assert ".jpg" in text  # what is supported
+    assert "1 hidden entries (names starting with '.') were not read" in text
     assert not out.exists()
 
 

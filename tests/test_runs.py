@@ -51,6 +51,7 @@ def photos(tmp_path_factory) -> Path:
     for i in range(24):
         write_image(root / ("sub" if i % 3 == 0 else "") / f"img{i:02d}.{'png' if i % 4 == 0 else 'jpg'}", i, (24, 32))
     write_image(root / "img01.png", 99, (24, 32))  # same stem as img01.jpg: gets img01_2
+    (root / "notes.txt").write_text("not an image\n")
     return root
 
 
@@ -87,6 +88,24 @@ def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, seeded
     assert "inside the output folder" in piped.stderr and "p1.png" in piped.stderr
     lines = (photos / "out" / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["rel"] for line in lines] == ["p0.jpg"]
+
+
+def test_shards_writing_inside_the_input_folder_never_read_each_others_outputs(tmp_path, seeded_san):
+    photos = tmp_path / "photos"
+    for i in range(6):
+        write_image(photos / f"p{i}.jpg", i, (24, 32))
+    args = ["segment", str(photos), "--classes", "cat,sofa", "--weights", str(seeded_san), *FAST]
+    whole = tmp_path / "whole"
+    assert invoke(*args, "--out", str(whole), "--quiet").exit_code == 0
+    for i in range(2):
+        result = invoke(*args, "--out", str(photos / f"out{i}"), "--shard", f"{i}/2", "--quiet")
+        assert result.exit_code == 0, result.output
+    # shard 1 met shard 0's output folder inside the input folder, and said so
+    assert f"did not enter 1 folder(s) holding another ovss run's outputs: {photos / 'out0'}" in \
+        " ".join(result.output.split())
+    merged = tmp_path / "merged"
+    assert invoke("merge", str(photos / "out0"), str(photos / "out1"), "--out", str(merged)).exit_code == 0
+    assert published_files(merged) == published_files(whole)
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -149,10 +168,61 @@ def test_a_resumed_run_skips_what_is_done_and_refuses_other_settings(photos, see
         text = " ".join(refused.output.split())
         assert "holds the outputs of a run with other settings" in text and fragment in text, text
         assert "--overwrite" in text
-    redo = invoke(*base[:3], "cat,dog,window", *base[4:], "--overwrite", "--quiet")
+    other_weights = tmp_path / "other.pth"
+    other_weights.write_bytes(seeded_san.read_bytes())
+    for changed, fragment in ((["--weights", str(other_weights)], "weights.path"),
+                              (["--model", "san-vit-l14"], "model: None before, 'san-vit-l14' now")):
+        args = [a for a in base]
+        if changed[0] in args:
+            args[args.index(changed[0]) + 1] = changed[1]
+        else:
+            args += changed
+        refused = run(*args, "--quiet")  # refused before the model loads (a ViT-L would not fit this file)
+        assert refused.returncode == 2, refused.stderr
+        assert fragment in " ".join(refused.stderr.split())
+    same = invoke(*base, "--overwrite")  # the same settings: every image is redone
+    assert same.exit_code == 0, same.output
+    text = " ".join(same.output.split())
+    assert "25 ok, 0 failed" in text and "(skipped)" not in text
+    assert published_files(out) == published_files(reference_run)
+    redo = invoke(*base[:3], "cat,dog,window", *base[4:], "--overwrite", "--format", "png", "--quiet")
     assert redo.exit_code == 0, redo.output
     legend = json.loads((out / "classes.json").read_text())
     assert [c["name"] for c in legend["classes"]] == ["cat", "dog", "window"]
+    # nothing of the earlier run is left beside the new one's label PNGs
+    assert sorted(published_files(out)) == sorted(["classes.json"] + [
+        name for name in published_files(reference_run) if name.startswith("labels/")])
+
+
+def test_an_interrupted_rerun_of_a_finished_folder_does_not_look_finished(photos, seeded_san, reference_run,
+                                                                         tmp_path):
+    """A re-run re-tags the rows it reuses: until it completes, the folder must not keep the last
+    run's manifest, COCO file or final.json (``ovss merge`` would trust them and drop images)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    command = ovss_command("segment", "-", "--classes", CLASSES, "--weights", str(seeded_san), "--out", str(out),
+                           "--quiet", *FAST)
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(f"{photos / 'img02.jpg'}\n")
+    proc.stdin.flush()
+    lock = out / ".ovss" / "lock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (lock.read_text().strip() == str(proc.pid)
+                                               and not (out / ".ovss" / "final.json").exists()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # stopped mid-run (it waits for more paths on stdin)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    for name in ("manifest.jsonl", "coco.json", ".ovss/final.json"):
+        assert not (out / name).exists(), name
+    merged = invoke("merge", str(out), "--out", str(tmp_path / "m"))
+    assert merged.exit_code == 2 and "holds no completed run" in merged.output
+    again = run("segment", str(photos), "--classes", CLASSES, "--weights", str(seeded_san), "--out", str(out),
+                "--quiet", *FAST)
+    assert again.returncode == 0, again.stderr
+    assert published_files(out) == published_files(reference_run)
 
 
 def test_dry_run_lists_what_would_be_done_without_loading_a_model(photos, seeded_san, reference_run, tmp_path,
@@ -169,8 +239,11 @@ def test_dry_run_lists_what_would_be_done_without_loading_a_model(photos, seeded
         raise AssertionError("a dry run loaded a model")
 
     monkeypatch.setattr(cli, "build_segmenter", no_model)
+    monkeypatch.setattr("ovss_cli.segmenter.load_segmenter", no_model)
     result = invoke(*args, "--dry-run", "--shard", "0/2")
     assert result.exit_code == 0, result.output
+    assert "dry run: 13 inputs (1 new, 12 done before)" in result.output
+    assert "skipped files that are not images: 1 .txt" in result.output
     lines = [line.split("\t") for line in result.stdout.splitlines() if "\t" in line]
     assert len(lines) == 13  # shard 0 of 2 of 25 inputs
     assert [status for status, _ in lines].count("new") == 1 and [status for status, _ in lines].count("done") == 12
@@ -279,13 +352,64 @@ def test_two_torchrun_processes_segment_as_one(photos, seeded_san, tmp_path):
     assert sorted(p.name for p in (out / ".ovss").glob("*.sqlite")) == ["main.rank-0-of-2.sqlite",
                                                                       "main.rank-1-of-2.sqlite"]
     assert proc.stderr.count("ovss segment") == 1 and "25 ok" in proc.stderr  # rank 0 reports for both
+    assert "25/25" in proc.stderr  # rank 0's bar ends with every rank's inputs counted
 
 
 def test_two_torchrun_processes_evaluate_as_one(voc, seeded_san, tmp_path):
-    assert invoke(*evaluate_args(voc, seeded_san, tmp_path / "one")).exit_code == 0
-    proc = torchrun(*evaluate_args(voc, seeded_san, tmp_path / "two", "--device", "cpu"))
-    assert proc.returncode == 0, proc.stderr
+    """With a sample of rank 1's failing: rank 0 reports it, shows every rank's progress and
+    writes the metrics; no rank's exit cuts rank 0 short."""
+    import shutil
+
+    data = tmp_path / "voc"
+    shutil.copytree(voc, data)
+    next(data.rglob("annotations_detectron2/val/s01.png")).unlink()  # position 1: rank 1's
+    one = invoke(*evaluate_args(data, seeded_san, tmp_path / "one"))
+    assert one.exit_code == 1 and (tmp_path / "one" / "metrics.json").is_file(), (one.output, one.exception)
+    args = [a for a in evaluate_args(data, seeded_san, tmp_path / "two", "--device", "cpu") if a != "--quiet"]
+    proc = torchrun(*args)
+    assert proc.returncode == 1, proc.stderr  # rank 0's exit code: a sample failed
+    # torchrun's report: the one process that exited non-zero is rank 0, by itself (exit code 1,
+    # after writing everything), not killed (-15) because another rank left first
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 1 " in root_cause, proc.stderr
+    assert "<NO_OTHER_FAILURES>" in proc.stderr
     same_evaluation(tmp_path / "one", tmp_path / "two")
+    bar = " ".join(proc.stderr.split())
+    assert "10/10" in bar and "failed 1" in bar  # every rank's samples and failures on rank 0's bar
+    assert "failed" in proc.stdout and "s01" in proc.stdout  # rank 1's failure in rank 0's report
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["failed"] == 1
+
+
+def test_torchrun_ranks_on_gpus_use_their_local_gpu_and_nccl(monkeypatch):
+    """No GPU is lent to CI: the CUDA calls are stood in for, and the rank's choices checked."""
+    import torch
+
+    from ovss_cli.errors import UsageError
+    from ovss_cli.runs import distributed
+
+    calls: dict = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.__setitem__("set_device", device))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: calls.__setitem__("backend", backend))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of the second machine
+    ctx = distributed.start("cuda")
+    assert (ctx.rank, ctx.world, ctx.local_rank) == (3, 4, 1)
+    assert ctx.device("cuda") == ctx.device("auto") == "cuda:1"
+    assert calls == {"set_device": torch.device("cuda:1"), "backend": "nccl"}
+    assert ctx.backend == "nccl" and ctx.comm_device == torch.device("cuda:1")  # collectives on the GPU
+    assert distributed.start("cpu").backend == "gloo" and calls["backend"] == "gloo"
+    monkeypatch.setenv("LOCAL_RANK", "2")  # more processes than GPUs on the machine
+    with pytest.raises(UsageError, match="local rank 2 has no GPU: this machine has 2"):
+        distributed.start("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a scheduler gave this process one GPU of its own
+    assert distributed.start("cuda").device("cuda") == "cuda:0"
 
 
 # --- keeping the device fed ----------------------------------------------------------------------
@@ -298,6 +422,80 @@ def test_readers_and_writer_threads_change_nothing(photos, seeded_san, reference
                         "--out", str(out), "--workers", workers, "--quiet", *FAST)
         assert result.exit_code == 0, result.output
         assert published_files(out) == published_files(reference_run)
+
+
+def test_evaluate_reader_threads_change_nothing(voc, seeded_san, tmp_path):
+    for workers in ("0", "1", "3"):
+        assert invoke(*evaluate_args(voc, seeded_san, tmp_path / workers, "--workers", workers)).exit_code == 0
+    same_evaluation(tmp_path / "0", tmp_path / "1")
+    same_evaluation(tmp_path / "0", tmp_path / "3")
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_reading_and_writing_overlap_inference(tmp_path, monkeypatch, workers):
+    """With reader threads, image i+1 is being read, and image i-1 written, while image i is in
+    the model (each inference waits for those events); with --workers 0 nothing overlaps (the
+    control: the same waits time out). Inference runs under torch.inference_mode."""
+    import threading
+
+    import torch
+
+    from ovss_cli import segment as seg
+    from ovss_cli.io.images import InputWalk
+    from ovss_cli.segmenter import Prediction, Segmenter
+    from ovss_cli.vocabulary import parse_class_list
+
+    n = 4
+    for i in range(n):
+        write_image(tmp_path / "in" / f"{i}.jpg", i, (8, 8))
+    read = [threading.Event() for _ in range(n)]
+    written = [threading.Event() for _ in range(n)]
+    real_read, real_write = seg.read_image_notes, seg.write_label_png
+
+    def reading(path):
+        read[int(Path(path).stem)].set()
+        return real_read(path)
+
+    def writing(path, labels, num_values):
+        written[int(Path(path).stem)].set()
+        return real_write(path, labels, num_values)
+
+    monkeypatch.setattr(seg, "read_image_notes", reading)
+    monkeypatch.setattr(seg, "write_label_png", writing)
+    seen: list[tuple[bool, bool, bool]] = []  # (next read began, previous written, inference mode)
+    wait = 10 if workers else 0.5
+
+    class Waiting(Segmenter):
+        method, model_name = "test", "test"
+
+        def predict(self, image, vocabulary, *, with_scores=False):
+            i = len(seen)
+            seen.append((i + 1 == n or read[i + 1].wait(wait), i == 0 or written[i - 1].wait(wait),
+                         torch.is_inference_mode_enabled()))
+            return Prediction(labels=np.zeros(image.shape[:2], np.int32))
+
+        def embed_names(self, names):
+            raise AssertionError("not used")
+
+    summary = seg.segment_images(Waiting(), InputWalk([str(tmp_path / "in")]), parse_class_list("cat"),
+                                 tmp_path / "out", formats=("png",), workers=workers)
+    assert summary.images_ok == n
+    assert all(mode for _, _, mode in seen)
+    overlapped = [next_read and previous_written for next_read, previous_written, _ in seen]
+    assert all(overlapped) if workers else not any(overlapped[1:-1])
+
+
+def test_a_run_encodes_each_name_once(photos, seeded_san, tmp_path, monkeypatch):
+    from ovss_cli import load_segmenter
+    from ovss_cli.io.images import InputWalk
+    from ovss_cli.segment import segment_images
+    from ovss_cli.vocabulary import parse_class_list
+
+    monkeypatch.setenv("OVSS_TEXT_CACHE", "0")  # count real encodes, not reads from the persistent cache
+    segmenter = load_segmenter("san", weights=str(seeded_san), resize_short=None, templates="photo")
+    vocab = parse_class_list(CLASSES)
+    summary = segment_images(segmenter, InputWalk([str(photos)]), vocab, tmp_path / "out", formats=("png",))
+    assert summary.images_ok == 25 and segmenter.prompts.names_encoded == 3
 
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(photos, seeded_san, tmp_path):

@@ -24,6 +24,14 @@ def test_duplicates_are_errors(text):
         parse_class_list(text)
 
 
+@pytest.mark.parametrize("text, shown", [("sofa bed,sofa  bed", "sofa  bed"), ("caf\u00e9,cafe\u0301", "cafe\u0301"),
+                                         ("STRASSE,stra\u00dfe", "stra\u00dfe"), ("\uff43at,cat", "cat")])
+def test_names_that_differ_only_in_spacing_unicode_form_or_case_are_duplicates(text, shown):
+    """CLIP's tokenizer sees these pairs as the same name: two classes would tie everywhere."""
+    with pytest.raises(UsageError, match=f"duplicate class name '{shown}'"):
+        parse_class_list(text)
+
+
 def test_file_with_synonyms(tmp_path):
     f = tmp_path / "classes.txt"
     f.write_text("# my classes\ncat: kitty, kitten\n\nsofa\nwindow: windowpane\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import warnings
 from collections import Counter
@@ -72,6 +73,8 @@ class WalkLog:
     skipped: Counter = field(default_factory=Counter)
     excluded: int = 0
     excluded_examples: list[str] = field(default_factory=list)
+    output_folders: list[str] = field(default_factory=list)  # other ovss runs' output folders passed over
+    hidden: int = 0  # entries whose names start with "." (not walked)
 
     def exclude(self, path: str | Path) -> None:
         self.excluded += 1
@@ -97,8 +100,13 @@ def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None, log: WalkLog 
     images there are; with several arguments or stdin it spans the whole run.
     """
     for arg in paths:
-        if arg != "-" and not os.path.exists(arg):
+        if arg == "-":
+            continue
+        kind, reason = path_kind(Path(arg))
+        if kind == "missing":
             raise InputError(f"input not found: {arg}")
+        if kind == "error":
+            raise InputError(f"cannot access input {arg}: {reason}")
     run_wide: set[str] | None = set() if len(paths) != 1 or paths[0] == "-" else None
     walk = _Walk(log if log is not None else WalkLog(), tuple(os.path.realpath(e) for e in exclude))
     for arg in paths:
@@ -126,13 +134,19 @@ class InputWalk:
         return ", ".join(f"{n} {ext}" for ext, n in self.log.skipped.most_common())
 
     def excluded_text(self) -> str:
-        """A warning naming the inputs left out because they lie in an excluded folder."""
-        if not self.log.excluded:
-            return ""
-        where = ", ".join(str(e) for e in self.exclude)
-        examples = ", ".join(self.log.excluded_examples)
-        return (f"left out {self.log.excluded} input(s) inside the output folder {where} "
-                f"(a run never reads its own outputs): {examples}{', ...' if self.log.excluded > 5 else ''}")
+        """A warning naming the inputs left out because they lie in an excluded folder, and the
+        output folders of other ovss runs (e.g. other shards') the walk did not enter."""
+        parts = []
+        if self.log.excluded:
+            where = ", ".join(str(e) for e in self.exclude)
+            examples = ", ".join(self.log.excluded_examples)
+            parts.append(f"left out {self.log.excluded} input(s) inside the output folder {where} "
+                         f"(a run never reads its own outputs): {examples}{', ...' if self.log.excluded > 5 else ''}")
+        if self.log.output_folders:
+            folders = self.log.output_folders
+            parts.append(f"did not enter {len(folders)} folder(s) holding another ovss run's outputs: "
+                         f"{', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}")
+        return "; ".join(parts)
 
     def nothing_found(self) -> InputError:
         """The error for a run whose inputs hold no image file."""
@@ -141,6 +155,10 @@ class InputWalk:
         found = f"; skipped {sum(skipped.values())} other files ({self.skipped_text()})" if skipped else ""
         if self.log.excluded:
             found += f"; {self.log.excluded} inside the output folder were left out"
+        if self.log.output_folders:
+            found += f"; {len(self.log.output_folders)} folder(s) of other ovss runs' outputs were not entered"
+        if self.log.hidden:
+            found += f"; {self.log.hidden} hidden entries (names starting with '.') were not read"
         supported = ", ".join(sorted(IMAGE_EXTENSIONS))
         return InputError(f"no image found in {where}{found}; supported: {supported}")
 
@@ -172,35 +190,42 @@ class _Walk:
         if self.excluded(path):
             self.log.exclude(path)
             return
-        if path.is_dir():
-            yield from self.walk(path, path, set(), used)
+        kind, reason = path_kind(path)
+        if kind == "dir":
+            yield from self.walk(path, Path(), set(), used)
             return
         rel = _unique_rel(_rel_for_file(path), used if used is not None else set())
-        yield InputImage(path, rel, None if path.exists() else f"input not found: {source}")
+        error = {"missing": f"input not found: {source}", "error": f"cannot access input {source}: {reason}"}
+        yield InputImage(path, rel, error.get(kind))
 
-    def walk(self, root: Path, directory: Path, seen: set[tuple[int, int]], used: set[str] | None) -> Iterator[InputImage]:
-        """Depth-first walk of ``directory`` in name order, one directory listing at a time.
+    def walk(self, directory: Path, rel_dir: Path, seen: set[tuple[int, int]], used: set[str] | None) -> Iterator[InputImage]:
+        """Depth-first walk of ``directory`` (whose outputs go under ``rel_dir``) in name order,
+        one directory listing at a time.
 
         ``seen`` holds the (device, inode) of directories on the walk so that symlink loops
         are not followed forever; ``used`` is the run-wide set of output names, or None to
-        deduplicate within this folder only. A folder that cannot be listed is yielded as a
-        failed input; the walk goes on with its siblings.
+        deduplicate within this folder only. Sub-folders whose names differ only in case
+        (``Sub``, ``sub``) get distinct output folders (``sub_2``), so outputs never clash on a
+        case-insensitive disk. A folder that cannot be listed is yielded as a failed input; the
+        walk goes on with its siblings.
         """
         try:
-            stat = directory.stat()
-            key = (stat.st_dev, stat.st_ino)
+            info = directory.stat()
+            key = (info.st_dev, info.st_ino)
             if key in seen:
                 return
             seen.add(key)
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as error:
-            rel = directory.relative_to(root) if directory != root else Path(directory.name)
+            rel = rel_dir if rel_dir != Path() else Path(directory.name)
             yield InputImage(directory, rel, f"cannot list directory {directory}: {error.strerror or error}")
             return
         local = used if used is not None else set()
+        folders: set[str] = set()  # output names of this listing's sub-folders, case-folded
         for entry in entries:
             if entry.name.startswith("."):
+                self.log.hidden += 1
                 continue
             path = Path(entry.path)
             try:
@@ -210,15 +235,49 @@ class _Walk:
             if is_dir:
                 if self.excluded(path):
                     self.log.exclude(path)
+                elif is_output_folder(path):
+                    self.log.output_folders.append(str(path))
                 else:
-                    yield from self.walk(root, path, seen, used)
+                    yield from self.walk(path, rel_dir / _unique_folder(entry.name, folders), seen, used)
             elif not is_image_path(entry.name):
                 self.log.skipped[PurePath(entry.name).suffix.lower() or "(no extension)"] += 1
             else:
-                rel = _unique_rel(path.relative_to(root), local)
-                yield InputImage(path, rel, None if path.exists() else
-                                 f"cannot read image {path}: {_missing_reason(path)}")
+                rel = _unique_rel(rel_dir / entry.name, local)
+                kind, reason = path_kind(path)
+                yield InputImage(path, rel, None if kind == "file" else f"cannot read image {path}: "
+                                 f"{reason if kind == 'error' else _missing_reason(path)}")
         seen.discard(key)
+
+
+def _unique_folder(name: str, used: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... when a sibling folder's name equals it but for case."""
+    candidate, counter = name, 1
+    while candidate.casefold() in used:
+        counter += 1
+        candidate = f"{name}_{counter}"
+    used.add(candidate.casefold())
+    return candidate
+
+
+def is_output_folder(path: Path) -> bool:
+    """Whether ``path`` holds the outputs of an ovss run (``segment``'s ``.ovss/run.json``,
+    ``compare``'s ``compare.json``): a walk never reads them as inputs, whichever run wrote
+    them (another shard's ``--out`` inside the input folder, say)."""
+    return os.path.isfile(path / ".ovss" / "run.json") or os.path.isfile(path / "compare.json")  # never raise
+
+
+def path_kind(path: Path) -> tuple[str, str | None]:
+    """``("dir" | "file" | "missing" | "error", reason)`` for ``path``, never raising: a folder
+    without search permission makes ``Path.exists()`` raise, and must fail one input instead
+    of the run."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return "missing", None
+        reason = "permission denied" if error.errno == errno.EACCES else (error.strerror or str(error))
+        return "error", reason
+    return ("dir" if stat.S_ISDIR(mode) else "file"), None
 
 
 def _rel_for_file(path: Path) -> Path:
@@ -263,10 +322,13 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 def read_image_notes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
     """:func:`read_image`, plus notes worth recording with the result (``"first of 3 frames"``)."""
     path = Path(path)
-    if path.is_dir():
+    kind, reason = path_kind(path)
+    if kind == "dir":
         raise InputError(f"cannot read image {path}: it is a directory, not a file")
-    if not path.exists():
+    if kind == "missing":
         raise InputError(f"cannot read image {path}: {_missing_reason(path)}")
+    if kind == "error":
+        raise InputError(f"cannot read image {path}: {reason}")
     notes: list[str] = []
     try:
         if path.stat().st_size == 0:
@@ -292,7 +354,11 @@ def read_image_notes(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str
 
 def _missing_reason(path: Path) -> str:
     """Why a path that is listed does not exist: a broken or looping symbolic link, or gone."""
-    if path.is_symlink():
+    try:
+        link = path.is_symlink()
+    except OSError:
+        link = False
+    if link:
         try:
             path.resolve(strict=True)
         except RuntimeError:

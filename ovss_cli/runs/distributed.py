@@ -22,6 +22,14 @@ from ..errors import UsageError
 _PROGRESS_KEY = "ovss/progress"
 
 
+def _one_visible_device() -> bool:
+    """Whether CUDA_VISIBLE_DEVICES names exactly one GPU, as schedulers (SLURM's
+    ``--gpus-per-task``, ...) set it when each process gets its own: it is then ``cuda:0``
+    whatever the process's local rank."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return len([d for d in visible.split(",") if d.strip()]) == 1
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -56,9 +64,13 @@ class Distributed:
         if name.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-            if self.local_rank >= torch.cuda.device_count():
-                raise UsageError(f"local rank {self.local_rank} has no GPU: this machine has "
-                                 f"{torch.cuda.device_count()}; start at most that many processes per node")
+            count = torch.cuda.device_count()
+            if count == 1 and _one_visible_device():  # the launcher gave each process its own GPU
+                return "cuda:0"
+            if self.local_rank >= count:
+                raise UsageError(f"local rank {self.local_rank} has no GPU: this machine has {count}; start at "
+                                 "most that many processes per node (or give each its own GPU through "
+                                 "CUDA_VISIBLE_DEVICES)")
             return f"cuda:{self.local_rank}"
         return name
 
@@ -97,12 +109,14 @@ class Distributed:
         except Exception:  # private API; without it rank 0 shows its own progress only
             return None
 
-    def add_progress(self, count: int = 1) -> int:
-        """Count ``count`` finished inputs; returns the total over all ranks so far."""
+    def add_progress(self, done: int = 1, failed: int = 0, reused: int = 0) -> tuple[int, int, int]:
+        """Count finished inputs (``failed`` and ``reused`` of them); returns the totals over all
+        ranks so far (adding 0 reads them)."""
         store = self._store() if self.enabled else None
         if store is None:
-            return count
-        return int(store.add(_PROGRESS_KEY, count))
+            return done, failed, reused
+        return tuple(int(store.add(f"{_PROGRESS_KEY}/{name}", n))  # type: ignore[return-value]
+                     for name, n in (("done", done), ("failed", failed), ("reused", reused)))
 
     def stop(self) -> None:
         if self.enabled and torch.distributed.is_initialized():

@@ -137,6 +137,7 @@ def _merge_evaluation(folders: list[Path], out: Path) -> MergeResult:
     result.images = sum(r["images"] for r in reports)
     result.failed = sum(r["failed"] for r in reports)
     result.failures = [(f["input"], f["error"]) for r in reports for f in r["failures"]]
+    result.warnings = [(w["input"], w["warning"]) for r in reports for w in r.get("warnings", [])]
     result.seconds = sum(r["seconds"] for r in reports)
     counts = sorted({s["count"] for s in shards if s}) if any(shards) else []
     if counts and len(counts) == 1 and len(folders) < counts[0]:
@@ -164,7 +165,7 @@ def _merge_evaluation(folders: list[Path], out: Path) -> MergeResult:
 
 # metrics.json keys that are not the segmenter's description
 _REPORT_KEYS = {"dataset", "synonyms", "images", "failed", "partial", "seconds", "images_per_second", "failures",
-                "shard", "run", "metrics", "semantic_similarity", "word_class_pixels"}
+                "warnings", "shard", "run", "metrics", "semantic_similarity", "word_class_pixels"}
 
 
 def _merge_comparison(folders: list[Path], out: Path) -> MergeResult:

@@ -181,13 +181,66 @@ def prepare(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
     folder = state_dir(out_dir)
     remove_stale_temps(out_dir)
     if overwrite:
+        remove_published(out_dir)
         for path in folder.glob("*"):
             if path.name != "lock":
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     else:
         check_identity(out_dir, identity)
+        # Until this run completes, the folder holds no finished run: an interrupted re-run must
+        # not leave the last run's manifest, COCO file or final.json (which `ovss merge` trusts)
+        # beside rows it has re-tagged. The end of the run writes them again.
+        for name in ("manifest.jsonl", "coco.json", f"{STATE_DIR}/final.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (Path(out_dir) / name).unlink()
     if read_identity(out_dir) is None:
         atomic_write_text(folder / "run.json", json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
+
+
+def remove_published(out_dir: str | Path) -> int:
+    """Delete what earlier runs published in ``out_dir`` (every file their rows name, and the
+    run-wide ``manifest.jsonl`` / ``coco.json``), so that ``--overwrite`` leaves no stale output
+    beside the new run's; returns how many files were removed."""
+    out_dir = Path(out_dir)
+    folder = state_dir(out_dir)
+    if read_identity(out_dir) is None and not any(folder.glob("*.sqlite")):
+        return 0  # no ovss run wrote here: nothing of ours to remove
+    names: set[str] = {"manifest.jsonl", "coco.json"}
+    for path in sorted(folder.glob("*.sqlite")):
+        db = _connect(path, read_only=True)
+        try:
+            for (files,) in db.execute("SELECT files FROM records"):
+                names.update(json.loads(files))
+        except sqlite3.Error:  # an unreadable state file: its outputs are overwritten as met
+            pass
+        finally:
+            db.close()
+    removed = 0
+    for name in sorted(names):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
+            removed += 1
+    return removed
+
+
+def create_writers(out_dir: str | Path, writers: Iterable[str]) -> None:
+    """Create every writer's state file with its schema (rank 0, before the other ranks start,
+    so no rank ever opens another's file half-created)."""
+    folder = state_dir(out_dir)
+    for writer in writers:
+        _connect(folder / f"{writer}.sqlite").close()
+
+
+def count_rows(out_dir: str | Path, writer: str, generation: str) -> int:
+    """How many inputs ``writer`` recorded in ``generation`` (0 when its file is missing)."""
+    path = state_dir(out_dir) / f"{writer}.sqlite"
+    if not path.is_file():
+        return 0
+    db = _connect(path, read_only=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM records WHERE gen = ?", (generation,)).fetchone()[0])
+    finally:
+        db.close()
 
 
 def new_generation() -> str:
