@@ -61,7 +61,8 @@ def test_san_on_a_gpu_returns_host_results_equal_to_the_cpu(gpu, seeded_san):
     image = random_image(90, 120, seed=3)
     expected = load_segmenter("san", weights=str(seeded_san), device="cpu").predict(image, VOCAB, with_scores=True)
     with gpu(large=image.shape[0] * image.shape[1]) as sim:
-        segmenter = load_segmenter("san", weights=str(seeded_san), device="cuda", precision="fp32")
+        segmenter = load_segmenter("san", weights=str(seeded_san), device="auto", precision="fp32")
+        assert segmenter.device.type == "cuda"  # --device auto picks the GPU when there is one
         assert all(on_device(p) for p in segmenter.model.parameters())
         got = segmenter.predict(image, VOCAB, with_scores=True)
         sim.host_ops.clear()
