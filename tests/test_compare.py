@@ -385,11 +385,10 @@ def test_a_dataset_compared_with_another_vocabulary_scores_semantic_similarity(m
     vocabulary.write_text("animal\nvehicle\nfurniture\nplant\n")
     out = tmp_path / "cmp"
     result = invoke("compare", "--dataset", "voc20", "--data-root", data, "--vocabulary-file", vocabulary,
-                    "--variant", f"seed 0=san:{models['san']}", "--variant", f"seed 1=san:{models['san1']}",
-                    "--out", out, "--device", "cpu")
+                    "--variant", f"seed 1=san:{models['san1']}", "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     summary = summary_of(out)
-    for entry, options in zip(summary["entries"], (models["evaluate_san"], models["evaluate_san1"]), strict=True):
+    for entry, options in zip(summary["entries"], [models["evaluate_san1"]], strict=True):
         assert "mIoU" not in entry
         alone = invoke("evaluate", "--dataset", "voc20", "--data-root", data, "--vocabulary-file", vocabulary,
                        *options, "--out", tmp_path / entry["folder"], "--json", "--device", "cpu")
