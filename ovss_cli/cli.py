@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, get_type_hints
 
 import typer
 
-from .errors import EXIT_SOME_FAILED, NotImplementedYet, OvssError, OvssWarning
+from .errors import EXIT_SOME_FAILED, OvssError, OvssWarning
 from .io.atomic import check_output_folder, ensure_output_folder
 
 app = typer.Typer(
@@ -470,20 +470,83 @@ def models_download(
     _run(body)
 
 
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+@app.command("train-san")
+def train_san(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A benchmark's training split (cocostuff171, ade150, ade847, pc59, pc459)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default $DETECTRON2_DATASETS, else ./datasets)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Generic layout: folder of training images (with --labels and --classes-file)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Generic layout: folder of label PNGs/TIFFs (255 = ignore)."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="Generic layout: class names, one per line, label i = line i."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: model_final.pth, checkpoints/, log.jsonl, loss.png."),
+    model: Optional[str] = typer.Option(None, "--model", help="san-vit-b16 (default) or san-vit-l14: the architecture (and the OpenAI CLIP it starts from)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this SAN checkpoint (fine-tuning) instead of CLIP with a fresh side adapter."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="The CLIP to start from (OpenAI or open_clip format; default: the zoo's OpenAI CLIP)."),
+    clip_config: Optional[Path] = typer.Option(None, "--clip-config", help="open_clip model config JSON for a non-standard CLIP (with --clip-weights, or an official-format --init)."),
+    iters: int = typer.Option(60000, "--iters", help="Training iterations."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch (split across torchrun processes)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Base learning rate (AdamW, poly decay)."),
+    crop_size: int = typer.Option(640, "--crop-size", help="Training crop; the random short sides scale with it (0.5x..1.5x)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N iterations (and at the end) on the evaluation set."),
+    eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="A benchmark (validation split) to evaluate on."),
+    eval_images: Optional[Path] = typer.Option(None, "--eval-images", help="Generic layout: evaluation images (with --eval-labels)."),
+    eval_labels: Optional[Path] = typer.Option(None, "--eval-labels", help="Generic layout: evaluation labels."),
+    eval_classes_file: Optional[Path] = typer.Option(None, "--eval-classes-file", help="Class names of --eval-labels (default: the training classes)."),
+    checkpoint_every: int = typer.Option(5000, "--checkpoint-every", help="Write OUT/checkpoints/model_NNNNNNN.pth every N iterations."),
+    log_every: int = typer.Option(20, "--log-every", help="Log (and display) the mean losses every N iterations."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order, augmentation, point sampling and fresh weights."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes per rank (default: 4 on CUDA, 0 on CPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint, exactly."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (under torchrun: the rank's own GPU)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with a gradient scaler)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; errors are still printed."),
+) -> None:
+    """Train or fine-tune SAN with the paper's recipe; `torchrun ... -m ovss_cli train-san` for many GPUs."""
 
-
-def _not_implemented(command: str) -> Callable[[], int]:
     def body() -> int:
-        raise NotImplementedYet(f"`ovss {command}` is not implemented yet")
+        from .datasets import dataset_root, generic_dataset, open_dataset, read_class_names
+        from .errors import UsageError
+        from .runs.distributed import start
+        from .train import TrainOptions, train_san as run_training
 
-    return body
+        if (dataset is None) == (images is None):
+            raise UsageError("give --dataset NAME, or --images DIR --labels DIR --classes-file F")
+        root = dataset_root(str(data_root) if data_root else None)
+        if dataset is not None:
+            train_data = open_dataset(dataset, root, split="train")
+        else:
+            if labels is None or classes_file is None:
+                raise UsageError("--images needs --labels DIR and --classes-file F")
+            train_data = generic_dataset(images, labels, read_class_names(classes_file), name="train")
+        if eval_dataset is not None and eval_images is not None:
+            raise UsageError("give --eval-dataset NAME or --eval-images DIR --eval-labels DIR, not both")
+        eval_data = None
+        if eval_dataset is not None:
+            eval_data = open_dataset(eval_dataset, root)
+        elif eval_images is not None:
+            if eval_labels is None:
+                raise UsageError("--eval-images needs --eval-labels DIR")
+            names = read_class_names(eval_classes_file) if eval_classes_file else train_data.class_names
+            eval_data = generic_dataset(eval_images, eval_labels, names, name="eval")
+        if eval_every and eval_data is None:
+            raise UsageError("--eval-every needs an evaluation set: --eval-dataset NAME or --eval-images/--eval-labels")
+        check_output_folder(out)
+        dist = start(device)
+        try:
+            result = run_training(TrainOptions(
+                out=out, model=model, init=init, clip_weights=clip_weights, clip_config=clip_config, iters=iters,
+                batch_size=batch_size, lr=lr, crop_size=crop_size, seed=seed, checkpoint_every=checkpoint_every,
+                eval_every=eval_every, log_every=log_every, workers=workers, resume=resume, device=device,
+                precision=precision, quiet=quiet), train_data, eval_data, dist)
+        finally:
+            dist.stop()
+        if dist.is_main and not quiet:
+            last = result.evaluations[-1] if result.evaluations else None
+            score = f", {last['dataset']} mIoU {last['miou']:.2f}" if last and "miou" in last else ""
+            print(f"trained {result.iterations - result.start_iteration} iterations in {result.seconds:.0f} s"
+                  f"{score}: {result.final}", file=sys.stderr)
+        return 0
 
-
-@app.command("train-san", context_settings=_PASS_THROUGH)
-def train_san(ctx: typer.Context) -> None:
-    """Train SAN (not implemented yet)."""
-    _run(_not_implemented("train-san"))
+    _run(body)
 
 
 @app.command()

@@ -46,13 +46,6 @@ def test_help_lists_the_commands():
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["train-san"])
-def test_unbuilt_commands_say_so(command):
-    result = invoke(command, "--dataset", "pc59")
-    assert result.exit_code != 0
-    assert "not implemented yet" in result.output
-
-
 def test_run_succeeds_and_writes_every_format(full_run, sample_images):
     result, out = full_run
     assert result.exit_code == 0, result.output

@@ -69,9 +69,15 @@ def load_clip_config(spec: str | Path | Mapping[str, Any] | None, default: str |
 
 class QuickGELU(nn.Module):
     """OpenAI's GELU approximation ``x * sigmoid(1.702 x)``, computed with one temporary
-    instead of three (the same numbers as open_clip's QuickGELU, less memory traffic)."""
+    instead of three (the same numbers as open_clip's QuickGELU, less memory traffic).
+
+    The in-place steps would break backward, so when autograd records (training: gradients
+    flow through frozen CLIP blocks to the attention biases) it computes the same product out
+    of place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(x * 1.702)
         return x.mul(1.702).sigmoid_().mul_(x)
 
 

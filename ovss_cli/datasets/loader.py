@@ -39,8 +39,9 @@ def get_spec(name: str) -> DatasetSpec:
         raise UsageError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
-def open_dataset(name: str, root: str | os.PathLike[str]) -> SemSegDataset:
-    """List benchmark ``name`` under ``root`` (see :func:`dataset_root`) without reading images.
+def open_dataset(name: str, root: str | os.PathLike[str], split: str = "val") -> SemSegDataset:
+    """List benchmark ``name`` under ``root`` (see :func:`dataset_root`) without reading images;
+    ``split="train"`` lists its training split (``ovss train-san``).
 
     Images and labels pair up by relative path without extension; label files without an
     image are dropped (counted in ``unmatched_labels``), as detectron2's loader does. An image
@@ -49,22 +50,23 @@ def open_dataset(name: str, root: str | os.PathLike[str]) -> SemSegDataset:
     """
     spec = get_spec(name)
     root = Path(root)
-    images_dir = root / spec.image_dir
-    labels_dir = root / spec.label_dir
+    image_dir, label_dir, split_file = spec.folders(split)
+    images_dir = root / image_dir
+    labels_dir = root / label_dir
     hint = f"prepare it with {spec.preparation}, or pass --data-root"
     images = _list_or_fail(spec.name, "images", images_dir, {spec.image_ext}, hint)
     labels = _list_or_fail(spec.name, "labels", labels_dir, {spec.label_ext}, hint)
-    if spec.split_file is not None:
-        ids = _split_ids(spec, root / spec.split_file, hint)
+    if split_file is not None:
+        ids = _split_ids(spec, root / split_file, hint)
         for sample_id in ids:
             if sample_id not in labels:
                 raise DatasetError(
-                    f"{spec.name}: {sample_id} is listed in {root / spec.split_file} but its label "
+                    f"{spec.name}: {sample_id} is listed in {root / split_file} but its label "
                     f"{labels_dir / (sample_id + spec.label_ext)} is missing; {hint}"
                 )
             if sample_id not in images:
                 raise DatasetError(
-                    f"{spec.name}: {sample_id} is listed in {root / spec.split_file} but its image "
+                    f"{spec.name}: {sample_id} is listed in {root / split_file} but its image "
                     f"{images_dir / (sample_id + spec.image_ext)} is missing; {hint}"
                 )
         unmatched = 0
@@ -80,7 +82,7 @@ def open_dataset(name: str, root: str | os.PathLike[str]) -> SemSegDataset:
         ids = sorted(images)
     pairs = [Sample(i, images[i], labels.get(i, labels_dir / f"{i}{spec.label_ext}")) for i in ids]
     return SemSegDataset(
-        spec.name,
+        spec.name if split == "val" else f"{spec.name}-{split}",
         benchmark_class_names(spec.classes_file),
         spec.ignore_label,
         pairs,

@@ -3,7 +3,9 @@
 Layouts are those the SAN / detectron2 preparation scripts write under the dataset root
 (``--data-root``, ``$DETECTRON2_DATASETS`` or ``./datasets``), read from MendelXu/SAN
 ``san/data/datasets/register_*.py`` and detectron2 ``detectron2/data/datasets/builtin.py``
-(ADE20K-150). All are validation splits.
+(ADE20K-150). ``evaluate`` reads the validation splits; ``train-san`` the training splits of
+the benchmarks whose preparation writes one (the VOC sets share one image folder across splits
+and have none here).
 """
 from __future__ import annotations
 
@@ -30,6 +32,20 @@ class DatasetSpec:
     preparation: str  # one line: what produces this layout
     background_is_label0: bool = False
     split_file: str | None = None
+    # the training split (``ovss train-san --dataset``), where the preparation writes one
+    train_image_dir: str | None = None
+    train_label_dir: str | None = None
+
+    def folders(self, split: str = "val") -> tuple[str, str, str | None]:
+        """(image folder, label folder, split list or None) of ``split`` ("val" or "train")."""
+        if split == "val":
+            return self.image_dir, self.label_dir, self.split_file
+        if split == "train" and self.train_image_dir and self.train_label_dir:
+            return self.train_image_dir, self.train_label_dir, None
+        from ..errors import UsageError
+
+        raise UsageError(f"dataset {self.name} has no {split!r} split here; "
+                         f"datasets with a training split: {', '.join(n for n, s in DATASETS.items() if s.train_image_dir)}")
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -41,6 +57,8 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="ade150.txt",
             image_dir="ADEChallengeData2016/images/validation",
             label_dir="ADEChallengeData2016/annotations_detectron2/validation",
+            train_image_dir="ADEChallengeData2016/images/training",
+            train_label_dir="ADEChallengeData2016/annotations_detectron2/training",
             image_ext=".jpg",
             label_ext=".png",
             ignore_label=255,
@@ -52,6 +70,8 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="ade847.txt",
             image_dir="ADE20K_2021_17_01/images_detectron2/validation",
             label_dir="ADE20K_2021_17_01/annotations_detectron2/validation",
+            train_image_dir="ADE20K_2021_17_01/images_detectron2/training",
+            train_label_dir="ADE20K_2021_17_01/annotations_detectron2/training",
             image_ext=".jpg",
             label_ext=".tif",  # 16-bit TIFF, trainIds 0..846
             ignore_label=65535,
@@ -63,6 +83,8 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="pc59.txt",
             image_dir="pcontext/val/image",
             label_dir="pcontext/val/label",
+            train_image_dir="pcontext/train/image",
+            train_label_dir="pcontext/train/label",
             image_ext=".jpg",
             label_ext=".png",
             ignore_label=255,
@@ -74,6 +96,8 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="pc459.txt",
             image_dir="pcontext_full/val/image",
             label_dir="pcontext_full/val/label",
+            train_image_dir="pcontext_full/train/image",
+            train_label_dir="pcontext_full/train/label",
             image_ext=".jpg",
             label_ext=".tif",  # 16-bit TIFF, 0..458
             ignore_label=65535,
@@ -113,6 +137,8 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="cocostuff171.txt",
             image_dir="coco/val2017",
             label_dir="coco/stuffthingmaps_detectron2/val2017",
+            train_image_dir="coco/train2017",
+            train_label_dir="coco/stuffthingmaps_detectron2/train2017",
             image_ext=".jpg",
             label_ext=".png",
             ignore_label=255,
