@@ -73,5 +73,7 @@ class SanModel(nn.Module):
         class_logits = []
         for bias in biases:
             emb = self.clip_rec_head(tokens[cfg.feature_last_layer], grid, bias)
-            class_logits.append(torch.einsum("bqc,nc->bqn", emb, classifier.to(emb.dtype)))
+            # fp32 even under autocast: CLIP's logit scale (100) would magnify bf16's rounding
+            with torch.autocast(images.device.type, enabled=False):
+                class_logits.append(torch.einsum("bqc,nc->bqn", emb.float(), classifier.float()))
         return mask_logits, class_logits

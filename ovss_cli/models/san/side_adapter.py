@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .attention import attention_by_rows
 from .config import SanConfig
 
 
@@ -32,8 +33,10 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     In fp32 it computes softmax(q k^T / sqrt(d)) v step by step, in the official operation
-    order, so results match the reference bit for bit; under autocast it uses PyTorch's fused
-    kernel, which is faster and needs far less memory on large images.
+    order, so results match the reference bit for bit; without autograd a block of query rows
+    at a time (:func:`~.attention.attention_by_rows`: the same numbers, far less memory traffic).
+    Under autocast it takes the same row blocks on a CPU without autograd (faster there than
+    PyTorch's fused kernel) and the fused kernel otherwise (GPUs, training).
     """
 
     def __init__(self, dim: int, heads: int):
@@ -46,11 +49,18 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if torch.is_autocast_enabled(x.device.type):
-            x = F.scaled_dot_product_attention(q, k, v)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not torch.is_grad_enabled() and not autocast:
+            x = attention_by_rows(q, k, v, self.scale)
+        elif not torch.is_grad_enabled() and x.device.type == "cpu":
+            # bf16: scaling the queries first is cheaper than scaling the scores, and rounds once
+            dtype = torch.get_autocast_dtype("cpu")
+            x = attention_by_rows((q * self.scale).to(dtype), k.to(dtype), v.to(dtype), None)
+        elif autocast:
+            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         else:
-            x = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1) @ v
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+            x = ((q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1) @ v).transpose(1, 2)
+        return self.proj(x.reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -146,6 +156,21 @@ class MLP(nn.Module):
         return x
 
 
+class BiasScaling(nn.Module):
+    """The official ``nn.Linear(1, 1)`` applied to every attention-bias value, written out as
+    ``w * x + b`` (the same numbers and parameter names, no B x ... x 1 matmul); not an
+    ``nn.Linear``, so bf16 casting of matmul weights leaves it in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        reference = nn.Linear(1, 1)  # the official initialisation
+        self.weight = reference.weight
+        self.bias = reference.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight.view(()) + self.bias.view(())
+
+
 class MaskDecoder(nn.Module):
     """Turns query and patch tokens into mask logits and per-head attention biases."""
 
@@ -159,17 +184,26 @@ class MaskDecoder(nn.Module):
         self.attn_mlp = MLP(
             c, cfg.bias_mlp, cfg.bias_embed * cfg.bias_heads * cfg.bias_layers, cfg.bias_mlp_layers, conv=True
         )
-        self.bias_scaling = nn.Linear(1, 1) if cfg.rescale_bias else nn.Identity()
+        self.bias_scaling = BiasScaling() if cfg.rescale_bias else nn.Identity()
 
     def forward(self, query: Tensor, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """query: B x Q x C, x: B x C x H x W -> masks B x Q x H x W, biases [B x heads x Q x H x W]."""
+        """query: B x Q x C, x: B x C x H x W -> masks B x Q x H x W, biases [B x heads x Q x H x W].
+
+        The MLPs follow the autocast dtype; the products of query and pixel embeddings (mask
+        logits, attention biases) and the bias scaling are always fp32: they decide the labels
+        and steer CLIP's attention, and bf16 would round them visibly.
+        """
         query = self.query_mlp(query)
         pix = self.pix_mlp(x)
+        attn = self.attn_mlp(x)
         b, c, h, w = pix.shape
-        masks = torch.einsum("bqc,bchw->bqhw", query, pix)
-        attn = self.attn_mlp(x).reshape(b, self.layers, self.heads, c, h, w)
-        bias = torch.einsum("bqc,blnchw->blnqhw", query, attn)
-        bias = self.bias_scaling(bias[..., None]).squeeze(-1)
+        with torch.autocast(x.device.type, enabled=False):
+            query, pix, attn = query.float(), pix.float(), attn.float()
+            # the einsums bqc,bchw->bqhw and bqc,blnchw->blnqhw as plain (batched) matmuls
+            masks = torch.matmul(query, pix.reshape(b, c, h * w)).view(b, -1, h, w)
+            attn = attn.reshape(b, self.layers * self.heads, c, h * w)
+            bias = torch.matmul(query[:, None], attn).view(b, self.layers, self.heads, -1, h, w)
+            bias = self.bias_scaling(bias)
         return masks, [bias[:, i] for i in range(self.layers)]
 
 
