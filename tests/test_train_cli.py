@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -124,8 +123,9 @@ def test_a_killed_run_resumes_to_the_same_weights(shapes, uninterrupted, tmp_pat
     assert not (out / "model_final.pth").exists()  # killed mid-run
     again = invoke(*small_run(shapes, out))
     assert again.exit_code == 2 and "--resume" in again.output  # a finished-or-not run is never overwritten
-    resumed = subprocess.run(ovss(*small_run(shapes, out, "--resume")), capture_output=True, text=True, timeout=900,
-                             env=ENV)
+    # resumed with two data-loading processes: a batch does not depend on who reads it
+    resumed = subprocess.run(ovss(*small_run(shapes, out, "--resume", "--workers", "2")), capture_output=True,
+                             text=True, timeout=900, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     full, mine = weights_of(uninterrupted / "model_final.pth"), weights_of(out / "model_final.pth")
     assert full.keys() == mine.keys()
@@ -200,9 +200,11 @@ def test_official_checkpoint_and_clip_starts(shapes, reference_dir, tmp_path):
     clip_state = build_clip(fixture["clip_config"]).state_dict()
     torch.save(clip_state, tmp_path / "clip.pt")
     run("train-san", *common, "--clip-weights", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "fresh"))
-    for out in ("tuned", "fresh"):
-        assert miou(*data_args(root, "val"), "--resize-short", "64", "--weights", str(tmp_path / out / "model_final.pth"),
-                    "--out", str(tmp_path / f"eval-{out}")) >= 0
+    for out in ("tuned", "fresh"):  # the checkpoints carry their (tiny) CLIP config: --weights alone
+        result = invoke("evaluate", *data_args(root, "val"), "--resize-short", "64", "--device", "cpu", "--weights",
+                        str(tmp_path / out / "model_final.pth"), "--out", str(tmp_path / f"eval-{out}"), "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / f"eval-{out}" / "metrics.json").read_text())["images"] == 12
     trained = weights_of(tmp_path / "fresh" / "model_final.pth")
     assert torch.equal(trained["clip_rec_head.proj"], clip_state["visual.proj"])
     assert torch.equal(trained["clip_visual_extractor.resblocks.3.mlp.c_fc.weight"],

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from helpers import TINY_CLIP, tiny_san_config
 from ovss_cli.train.augment import AugmentConfig, augment, color_jitter_ssd, pad_to
 from ovss_cli.train.data import DataOrder, RankPositions, epoch_order
-from ovss_cli.train.losses import (LossNorms, SanCriterion, Target, build_target, class_weight_total,
+from ovss_cli.train.losses import (CriterionConfig, LossNorms, SanCriterion, Target, build_target, class_weight_total,
                                    classification_loss, dice_loss, points_for_crop, sigmoid_ce_loss)
 from ovss_cli.train.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost, linear_sum_assignment
 from ovss_cli.train.optim import OptimConfig, PolySchedule, clip_gradients, param_groups, set_trainable
@@ -156,7 +156,7 @@ def _fake_outputs(seed: int, batch: int, queries: int = 6, classes: int = 3):
 
 def test_criterion_terms_are_weighted_with_deep_supervision_last_block_first():
     masks, logits, targets = _fake_outputs(0, 2)
-    criterion = SanCriterion(3)
+    criterion = SanCriterion(3, CriterionConfig(num_points=1000))
     norms = LossNorms(sum(t.labels.numel() for t in targets), class_weight_total(targets, 6, 0.1))
     losses = criterion(masks, logits, targets, norms, [torch.Generator().manual_seed(i) for i in range(2)])
     assert list(losses) == ["loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"]
@@ -170,7 +170,7 @@ def test_split_batches_give_the_whole_batch_loss():
     """What DistributedDataParallel relies on: with the shared denominators, the mean of the
     halves' losses is the whole batch's loss, term by term."""
     masks, logits, targets = _fake_outputs(1, 4)
-    criterion = SanCriterion(3)
+    criterion = SanCriterion(3, CriterionConfig(num_points=1000))
     count, weight = sum(t.labels.numel() for t in targets), class_weight_total(targets, 6, 0.1)
     gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
     whole = criterion(masks, logits, targets, LossNorms(count, weight), gens(range(4)))
@@ -327,3 +327,40 @@ def test_benchmarks_list_their_training_split(tmp_path):
     assert [s.id for s in train.samples()] == ["a", "b"]
     with pytest.raises(UsageError, match="no 'train' split.*cocostuff171"):
         open_dataset("voc20", tmp_path, split="train")
+
+
+def test_display_shows_iteration_losses_lr_speed_and_eta(capsys):
+    from ovss_cli.train.log import TrainDisplay, loss_text
+
+    losses = {"loss": 10.0, "loss_ce": 1.0, "loss_mask": 2.0, "loss_dice": 3.0, "loss_ce_0": 1.5,
+              "loss_mask_0": 1.25, "loss_dice_0": 1.25}
+    text = loss_text(losses)
+    assert text == "loss 10.000 | ce 1.000 mask 2.000 dice 3.000 | aux 0: ce 1.500 mask 1.250 dice 1.250"
+    with TrainDisplay(100, 0, enabled=True, live=False) as display:  # a pipe or log file: plain lines
+        display.update(9, losses, 1e-4, 2.0)
+    plain = capsys.readouterr().err
+    assert plain.startswith("iter 10/100  " + text) and "lr 1.00e-04  2.00 it/s  ETA 0:00:45" in plain
+    with TrainDisplay(100, 0, enabled=False) as display:  # --quiet, or not rank 0
+        display.update(9, losses, 1e-4, 2.0)
+        display.message("hidden")
+    assert capsys.readouterr().err == ""
+    with TrainDisplay(100, 50, enabled=True, live=True) as display:  # the rich panel
+        display.update(59, losses, 1e-4, 2.0)
+    panel = " ".join(capsys.readouterr().err.split())  # as one line, however the terminal wrapped it
+    assert "60/100 2.00 it/s lr 1.00e-04" in panel and "ETA 0:00:20" in panel and text in panel
+
+
+def test_class_loss_reaches_the_attention_biases_through_frozen_clip(tiny_model):
+    """The attention-bias branch (attn_mlp) only acts inside CLIP's recognition blocks, which are
+    frozen: its gradient has to flow back through them (QuickGELU must not work in place then)."""
+    model = tiny_model
+    set_trainable(model)
+    model.zero_grad(set_to_none=True)
+    classes = F.normalize(torch.randn(3, model.ov_classifier.text_projection.shape[1]), dim=-1)
+    images = torch.randn(2, 3, 64, 64)
+    _, class_logits = model(images, model.ov_classifier.classifier_weights(classes), all_outputs=True)
+    F.cross_entropy(class_logits[-1].flatten(0, 1), torch.zeros(2 * class_logits[-1].shape[1], dtype=torch.long)).backward()
+    grad = model.side_adapter_network.mask_decoder.attn_mlp.layers[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.ov_classifier.bg_embed.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.clip_rec_head.parameters())

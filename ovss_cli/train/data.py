@@ -123,12 +123,13 @@ def collate(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch:
 
 
 def batches(samples: TrainSamples, start: int, stop: int, global_batch: int, rank: int, world: int,
-            workers: int) -> torch.utils.data.DataLoader:
-    """This rank's batches for iterations ``[start, stop)``, read by ``workers`` processes."""
+            workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's batches for iterations ``[start, stop)``, read by ``workers`` processes (the
+    same batches whatever their number: a view depends on its position only)."""
     return torch.utils.data.DataLoader(
         samples, batch_size=global_batch // world, sampler=RankPositions(start, stop, global_batch, rank, world),
         num_workers=workers, collate_fn=collate, drop_last=False, persistent_workers=False,
-        prefetch_factor=2 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None, pin_memory=pin_memory,
     )
 
 

@@ -15,7 +15,6 @@ import io
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -95,21 +94,21 @@ class TrainDisplay:
         self.live = sys.stderr.isatty() if live is None else live
         self._progress = None
         self._text = None
-        self._started = time.perf_counter()
 
     def __enter__(self) -> "TrainDisplay":
         if self.enabled and self.live:
             from rich.console import Group
             from rich.live import Live
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
             from rich.text import Text
 
             from ..reporting import stderr
 
             self._progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[rate]} it/s"), TextColumn("lr {task.fields[lr]}"),
-                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=stderr)
-            self._task = self._progress.add_task("train", total=self.total, completed=self.start, rate="-", lr="-")
+                                      TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=stderr)
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start, rate="-", lr="-",
+                                                 eta="-")
             self._text = Text("")
             self._live = Live(Group(self._progress, self._text), console=stderr, refresh_per_second=4)
             self._live.__enter__()
@@ -125,7 +124,8 @@ class TrainDisplay:
             return
         remaining = (self.total - iteration - 1) / rate if rate > 0 else float("inf")
         if self._progress is not None:
-            self._progress.update(self._task, completed=iteration + 1, rate=f"{rate:.2f}", lr=f"{lr:.2e}")
+            self._progress.update(self._task, completed=iteration + 1, rate=f"{rate:.2f}", lr=f"{lr:.2e}",
+                                  eta=format_duration(remaining))
             self._text.plain = loss_text(losses)
         else:
             print(f"iter {iteration + 1}/{self.total}  {loss_text(losses)}  lr {lr:.2e}  {rate:.2f} it/s  "

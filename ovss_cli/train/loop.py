@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +201,9 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
     precision = resolve_precision(opts.precision, device)
     workers = opts.workers if opts.workers is not None else (min(4, max(1, (os.cpu_count() or 2) // 2))
                                                               if device.type == "cuda" else 0)
+    if dist.is_main and not opts.quiet and resume_path is None:
+        print(f"checking the {len(dataset)} training samples (images, labels, class values)...", file=sys.stderr,
+              flush=True)
     data_key = check_dataset(dataset, out, dist, resumed=resume_path is not None)
     identity = run_identity(opts, data_key, dataset, opts.batch_size, precision)
 
@@ -235,8 +240,6 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
     else:
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed % 2**32)
-        import random
-
         random.seed(opts.seed)
 
     with torch.no_grad():
@@ -247,7 +250,8 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     normalize = _normalizer(device)
     samples = TrainSamples(dataset, AugmentConfig(crop_size=opts.crop_size), opts.seed)
-    loader = batches(samples, start, opts.iters, opts.batch_size, dist.rank, dist.world, workers)
+    loader = batches(samples, start, opts.iters, opts.batch_size, dist.rank, dist.world, workers,
+                     pin_memory=device.type == "cuda")
     log = TrainLog(out, resume_from=start if resume_path is not None else None) if dist.is_main else None
     result = TrainResult(out, out / FINAL_NAME, start, opts.iters, 0.0, source)
     num_queries = model.config.num_queries
@@ -290,18 +294,17 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
                 mask_logits, class_logits = net(images, class_embeddings)
             losses = criterion(mask_logits, class_logits, targets, norms, generators)
             total = sum(losses.values())
+            names = list(losses)  # the mean over ranks: the loss of the whole global batch
+            values = _global_mean([float(total.detach())] + [float(losses[k].detach()) for k in names], dist)
+            if not all(np.isfinite(values)):  # before the step, so the last checkpoint stays good
+                raise TrainingError(f"the loss became {values[0]} at iteration {iteration}; training diverged "
+                                    f"(try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)  # clipping sees the true gradients
             clip_gradients(trained, optim_cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
-
-            names = list(losses)
-            values = _global_mean([float(total.detach())] + [float(losses[k].detach()) for k in names], dist)
-            if not all(np.isfinite(values)):
-                raise TrainingError(f"the loss became {values[0]} at iteration {iteration}; training diverged "
-                                    f"(try a lower --lr)")
             step = dict(zip(["loss", *names], values), seconds=time.perf_counter() - tick)
             for k, v in step.items():
                 window.setdefault(k, []).append(v)
