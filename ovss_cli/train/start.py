@@ -169,6 +169,8 @@ def build_start_model(
     else:
         if clip_weights is None and clip_config is not None:
             raise UsageError("--clip-config describes a non-standard CLIP: give its weights with --clip-weights FILE")
+        if clip_weights is not None and not Path(clip_weights).is_file():
+            raise WeightsError(f"--clip-weights checkpoint not found: {clip_weights}")
         clip_path = resolve_weights(CLIP_FOR_MODEL[name], clip_weights, default=CLIP_FOR_MODEL[name],
                                     progress=progress)
         model = model_from_clip(config, Path(clip_path), seed)
