@@ -472,7 +472,7 @@ def models_download(
 
 @app.command("train-san")
 def train_san(
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A benchmark's training split (cocostuff171, ade150, ade847, pc59, pc459)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A benchmark's training split (cocostuff171, ade150, ade847, pc59, pc459, voc20)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default $DETECTRON2_DATASETS, else ./datasets)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Generic layout: folder of training images (with --labels and --classes-file)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Generic layout: folder of label PNGs/TIFFs (255 = ignore)."),

@@ -129,13 +129,25 @@ def test_voc21_listed_id_without_label_is_an_error(tmp_path):
 
 
 def test_benchmark_labels_without_images_are_dropped_and_images_without_labels_kept(tmp_path):
-    build_layout(tmp_path, "voc20", ["a", "b"])
-    write_image(tmp_path / "VOC2012/JPEGImages/c.jpg", 3)  # image without a label: kept, and fails when read
-    write_label(tmp_path / "VOC2012/annotations_detectron2/val/d.png", "voc20", make_label("voc20", 4))
-    dataset = open_dataset("voc20", tmp_path)
+    build_layout(tmp_path, "pc59", ["a", "b"])
+    write_image(tmp_path / "pcontext/val/image/c.jpg", 3)  # image without a label: kept, and fails when read
+    write_label(tmp_path / "pcontext/val/label/d.png", "pc59", make_label("pc59", 4))
+    dataset = open_dataset("pc59", tmp_path)
     assert [s.id for s in dataset.samples()] == ["a", "b", "c"]
     assert not list(dataset.samples())[2].label_path.exists()
     assert dataset.unmatched_labels == 1  # labels without an image are dropped, as detectron2 does
+
+
+def test_voc20_split_is_its_labels(tmp_path):
+    """VOC2012/JPEGImages holds every split's images: an image without a val label is another
+    split's, not a failed sample (detectron2 pairs them so); the training split reads the same
+    folder with the train labels."""
+    build_layout(tmp_path, "voc20", ["a", "b"])
+    write_image(tmp_path / "VOC2012/JPEGImages/t.jpg", 3)
+    write_label(tmp_path / "VOC2012/annotations_detectron2/train/t.png", "voc20", make_label("voc20", 3))
+    assert [s.id for s in open_dataset("voc20", tmp_path).samples()] == ["a", "b"]
+    train = open_dataset("voc20", tmp_path, split="train")
+    assert [s.id for s in train.samples()] == ["t"] and train.name == "voc20-train"
 
 
 # --------------------------------------------------------------------------- selection

@@ -515,12 +515,12 @@ def test_an_unusable_out_is_an_error_before_any_model_loads(work, hostile_folder
 
 def test_bad_labels_are_named_and_never_counted(work, san):
     root = work / "bad-data"
-    labels = build_layout(root, "voc20", ["a", "b", "c", "d"], size=(20, 24))
-    label_dir = root / "VOC2012" / "annotations_detectron2" / "val"
-    cv2.imwrite(str(label_dir / "b.png"), np.full((20, 24), 77, np.uint8))  # class 77 of 20
+    labels = build_layout(root, "pc59", ["a", "b", "c", "d"], size=(20, 24))
+    label_dir = root / "pcontext" / "val" / "label"
+    cv2.imwrite(str(label_dir / "b.png"), np.full((20, 24), 77, np.uint8))  # class 77 of 59
     cv2.imwrite(str(label_dir / "c.png"), labels["c"][:10].astype(np.uint8))  # wrong size
     (label_dir / "d.png").unlink()  # missing
-    proc = ovss("evaluate", "--dataset", "voc20", "--data-root", root, "--weights", san, "--resize-short", "0",
+    proc = ovss("evaluate", "--dataset", "pc59", "--data-root", root, "--weights", san, "--resize-short", "0",
                 "--out", work / "bad-eval", "--quiet", "--device", "cpu", work=work)
     assert proc.returncode == 1, proc.stderr
     report = json.loads((work / "bad-eval" / "metrics.json").read_text())

@@ -46,7 +46,8 @@ def open_dataset(name: str, root: str | os.PathLike[str], split: str = "val") ->
     Images and labels pair up by relative path without extension; label files without an
     image are dropped (counted in ``unmatched_labels``), as detectron2's loader does. An image
     without a label is kept: evaluating it fails, naming the missing file, and the result is
-    marked partial (it is never silently left out).
+    marked partial (it is never silently left out) -- except where one image folder serves
+    every split (VOC2012/JPEGImages: ``labels_define_split``), where the labels are the split.
     """
     spec = get_spec(name)
     root = Path(root)
@@ -78,8 +79,9 @@ def open_dataset(name: str, root: str | os.PathLike[str], split: str = "val") ->
                 f"{spec.name}: no label in {labels_dir} has an image of the same name in "
                 f"{images_dir}; {hint}"
             )
-        # an image without its label stays a sample: evaluating it fails and is reported
-        ids = sorted(images)
+        # an image without its label stays a sample: evaluating it fails and is reported;
+        # unless the image folder is every split's, where such an image is another split's
+        ids = sorted(matched) if spec.labels_define_split else sorted(images)
     pairs = [Sample(i, images[i], labels.get(i, labels_dir / f"{i}{spec.label_ext}")) for i in ids]
     return SemSegDataset(
         spec.name if split == "val" else f"{spec.name}-{split}",

@@ -4,8 +4,7 @@ Layouts are those the SAN / detectron2 preparation scripts write under the datas
 (``--data-root``, ``$DETECTRON2_DATASETS`` or ``./datasets``), read from MendelXu/SAN
 ``san/data/datasets/register_*.py`` and detectron2 ``detectron2/data/datasets/builtin.py``
 (ADE20K-150). ``evaluate`` reads the validation splits; ``train-san`` the training splits of
-the benchmarks whose preparation writes one (the VOC sets share one image folder across splits
-and have none here).
+the benchmarks whose preparation writes one (voc21, read from the VOC release as is, has none).
 """
 from __future__ import annotations
 
@@ -35,6 +34,9 @@ class DatasetSpec:
     # the training split (``ovss train-san --dataset``), where the preparation writes one
     train_image_dir: str | None = None
     train_label_dir: str | None = None
+    # the image folder holds every split's images (VOC2012/JPEGImages): a split is its labels,
+    # and an image without one belongs to another split (detectron2's load_sem_seg pairs them so)
+    labels_define_split: bool = False
 
     def folders(self, split: str = "val") -> tuple[str, str, str | None]:
         """(image folder, label folder, split list or None) of ``split`` ("val" or "train")."""
@@ -109,10 +111,13 @@ DATASETS: dict[str, DatasetSpec] = {
             classes_file="voc20.txt",
             image_dir="VOC2012/JPEGImages",
             label_dir="VOC2012/annotations_detectron2/val",
+            train_image_dir="VOC2012/JPEGImages",
+            train_label_dir="VOC2012/annotations_detectron2/train",
             image_ext=".jpg",
             label_ext=".png",
             ignore_label=255,
             preparation="python datasets/prepare_voc_sem_seg.py (MendelXu/SAN)",
+            labels_define_split=True,
         ),
         # SAN has no VOC preparation that keeps background (prepare_voc_sem_seg.py maps
         # 0 -> 255), so voc21 reads the official VOC2012 release as is: the palette PNGs of
