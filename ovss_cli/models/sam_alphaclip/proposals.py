@@ -152,18 +152,38 @@ class Proposal:
     stability_score: float
 
 
-class MaskProposer:
-    """SAM's automatic mask generator; the image embedding is computed once per image."""
+# Automatic mask generators: ours (same masks, less work, bounded memory) and segment_anything's.
+AMG_CHOICES = ("ovss", "stock")
 
-    def __init__(self, sam: Sam, options: GeneratorOptions, device: torch.device, precision: str = "fp32"):
+
+def check_amg(amg: str) -> None:
+    if amg not in AMG_CHOICES:
+        raise UsageError(f"unknown --amg {amg!r}; choose one of {', '.join(AMG_CHOICES)}")
+
+
+class MaskProposer:
+    """SAM's automatic mask generator (``amg``: ``ovss``, ours, or ``stock``, segment_anything's
+    ``SamAutomaticMaskGenerator``); the image embedding is computed once per image (crop)."""
+
+    def __init__(self, sam: Sam, options: GeneratorOptions, device: torch.device, precision: str = "fp32",
+                 amg: str = "ovss"):
+        check_amg(amg)
         sam = sam.to(device)
         if precision != "fp32" and not isinstance(sam.image_encoder, AutocastImageEncoder):  # shared: wrap once
             sam.image_encoder = AutocastImageEncoder(sam.image_encoder, device, precision)
         self.sam = sam
         self.options = options
-        self.generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **asdict(options))
+        self.amg = amg
+        if amg == "ovss":
+            from .mask_generator import MaskGenerator
+
+            self.generator = MaskGenerator(sam, options)
+        else:
+            self.generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **asdict(options))
 
     def __call__(self, image: np.ndarray) -> list[Proposal]:
+        if self.amg == "ovss":
+            return self.generator.generate(image)
         return [
             Proposal(
                 mask=r["segmentation"],

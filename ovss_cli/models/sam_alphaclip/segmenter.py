@@ -23,7 +23,7 @@ from ...vocabulary import Vocabulary, as_vocabulary
 from .alpha_clip import AlphaClip, load_alpha_clip
 from .compose import FILL_MODES, compose
 from .preprocess import full_alpha, preprocess_alpha, preprocess_pixels
-from .proposals import GeneratorOptions, MaskProposer, Proposal, containment_filter, load_sam
+from .proposals import GeneratorOptions, MaskProposer, Proposal, check_amg, containment_filter, load_sam
 from .regions import blur_image, check_region, region_fn
 
 DEFAULT_TEMPLATES = "photo"
@@ -137,7 +137,8 @@ class SamAlphaClipSegmenter(Segmenter):
         self.min_score = min_score
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "region": self.classifier.region, "precision": self.classifier.precision,
+        return {**super().describe(), "amg": self.proposer.amg, "region": self.classifier.region,
+                "precision": self.classifier.precision,
                 "alpha": self.classifier.use_alpha, "containment_filter": self.containment, "fill": self.fill,
                 "min_score": self.min_score}
 
@@ -199,6 +200,7 @@ def build_sam_alphaclip_segmenter(
     stability_score_thresh: float = 0.92,
     crop_n_layers: int = 0,
     min_mask_region_area: int = 100,
+    amg: str = "ovss",
     region: str = "crop",
     templates: str | None = None,
     no_alpha: bool = False,
@@ -212,7 +214,8 @@ def build_sam_alphaclip_segmenter(
 
     ``model``/``weights``: the Alpha-CLIP visual checkpoint (zoo name or file);
     ``clip_weights``: the CLIP it builds on (default: the zoo CLIP of the same architecture);
-    ``sam_model``/``sam_weights``: the SAM checkpoint.
+    ``sam_model``/``sam_weights``: the SAM checkpoint; ``amg``: the automatic mask generator,
+    ``ovss`` (ours: the stock's masks, faster) or ``stock`` (segment_anything's).
     """
     from ...weights import load_state_file, resolve_weights, text_cache_dir
     from ...zoo import DEFAULT_ALPHA_CLIP, DEFAULT_SAM, clip_for_alpha_clip
@@ -220,6 +223,7 @@ def build_sam_alphaclip_segmenter(
     options = GeneratorOptions(points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
                                crop_n_layers, min_mask_region_area)
     check_region(region)  # before any weights are loaded
+    check_amg(amg)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     alpha_name = model or DEFAULT_ALPHA_CLIP
@@ -236,7 +240,7 @@ def build_sam_alphaclip_segmenter(
                         lambda: load_alpha_clip(clip_path, alpha_state, device=dev, clip_config=clip_config,
                                                 alpha_source=str(alpha_path)))
     sam = shared(("sam", file_key(sam_path), str(dev), prec), lambda: load_sam(sam_path))
-    proposer = MaskProposer(sam, options, dev, prec)
+    proposer = MaskProposer(sam, options, dev, prec, amg=amg)
     if mask_batch_size is None:  # measured best on a 2-core AVX512 CPU; GPUs want big batches
         mask_batch_size = 8 if dev.type == "cpu" else 64
     classifier = MaskClassifier(alpha_clip, dev, prec, get_templates(templates or DEFAULT_TEMPLATES),
