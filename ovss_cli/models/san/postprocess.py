@@ -27,8 +27,8 @@ from ...vocabulary import Vocabulary
 
 # Values held per band (fp32): query masks, per-name scores and per-class scores of one view.
 BAND_BUDGET = 1 << 25
-# On a CPU, bands hold at most this many query-mask values (4 MB), so that they stay in the cache.
-CPU_BAND_VALUES = 1 << 20
+# On a CPU, bands hold at most this many query-mask values (8 MB), so that they stay in the cache.
+CPU_BAND_VALUES = 1 << 21
 
 
 def bilinear_matrix(in_size: int, out_size: int, device: torch.device | str = "cpu") -> Tensor:
