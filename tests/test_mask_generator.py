@@ -370,6 +370,21 @@ def test_same_masks_as_the_stock_generator(sam, case, monkeypatch):
         assert spy.nms[crops][1] < spy.nms[crops][0]
 
 
+def test_candidates_whose_logits_were_not_kept_are_decoded_again(sam, monkeypatch):
+    options = CASES["stress"]
+    kept = MaskProposer(sam, options, CPU)(IMAGE)
+    monkeypatch.setattr(mask_generator, "_KEEP_BYTES", 20 * 49 * 64 * 4)  # the logits of 20 candidates
+    again = []
+    decode_again = mask_generator.MaskGenerator._decode_again
+    monkeypatch.setattr(mask_generator.MaskGenerator, "_decode_again",
+                        lambda self, points, ids, up: again.append(len(ids)) or decode_again(self, points, ids, up))
+    lean = MaskProposer(sam, options, CPU)(IMAGE)
+    assert sum(again) > 10  # most survivors' logits were dropped and decoded again, ...
+    assert len(lean) == len(kept)  # ... giving the same numbers
+    for a, b in zip(kept, lean):
+        assert np.array_equal(a.mask, b.mask) and (a.bbox, a.area, a.predicted_iou) == (b.bbox, b.area, b.predicted_iou)
+
+
 def test_stock_generator_is_selectable(sam):
     options = CASES["defaults"]
     stock = MaskProposer(sam, options, CPU, amg="stock")

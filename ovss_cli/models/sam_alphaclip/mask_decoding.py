@@ -139,16 +139,17 @@ class PromptDecoder:
     @torch.no_grad()
     def __call__(self, points: Tensor, low_res_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """``points``: P x 2 (x, y) float64 in the 1024 input frame -> (P x 3 x h x w logits,
-        P x 3 predicted IoUs) with (h, w) = ``low_res_size``."""
+        P x 3 predicted IoUs) with (h, w) = ``low_res_size``. Points are decoded ``chunk`` at a
+        time from the first: decoding a chunk again gives the same numbers."""
         assert self.embedding is not None, "set_image first"
-        sam = self.sam
-        labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
-        sparse, _ = sam.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
         grid = tuple(self.embedding.shape[-2:])
         keep = (min(grid[0], -(-low_res_size[0] // 4)), min(grid[1], -(-low_res_size[1] // 4)))
         masks, ious = [], []
-        for start in range(0, sparse.shape[0], self.chunk):
-            m, iou = self._decode(sparse[start:start + self.chunk], grid, keep)
+        for start in range(0, points.shape[0], self.chunk):
+            chunk = points[start:start + self.chunk]
+            labels = torch.ones(chunk.shape[0], 1, dtype=torch.int, device=chunk.device)
+            sparse, _ = self.sam.prompt_encoder(points=(chunk[:, None, :], labels), boxes=None, masks=None)
+            m, iou = self._decode(sparse, grid, keep)
             masks.append(m[..., : low_res_size[0], : low_res_size[1]])
             ious.append(iou)
         return torch.cat(masks), torch.cat(ious)

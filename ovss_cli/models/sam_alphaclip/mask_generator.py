@@ -44,6 +44,9 @@ from .proposals import GeneratorOptions, Proposal
 
 # Survivors turned into full-size masks at once.
 _MASK_GROUP = 8
+# Low-resolution logits kept per crop until its NMS, for the best-scored candidates (about 340
+# of SAM's 193 x 256 for a 4:3 photo); a survivor whose logits were not kept is decoded again.
+_KEEP_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,13 @@ class MaskGenerator:
         self.resize = ResizeLongestSide(sam.image_encoder.img_size)
         self.low_res = 4 * sam.prompt_encoder.image_embedding_size[0]  # the decoder's mask size
         device = sam.device
-        # prompts decoded at once: a whole batch on a GPU; on a CPU at most 32 (about 0.6 GB, as
-        # fast as more), upscaled 4 at a time (the features stay in the cache)
+        # prompts decoded at once: a whole batch on a GPU; on a CPU at most 16 (about 0.5 GB, about
+        # as fast as more), upscaled 4 at a time (the features stay in the cache)
         if device.type == "cpu":
-            self.decoder = PromptDecoder(sam, chunk=min(options.points_per_batch, 32), upscale_chunk=4)
+            self.decoder = PromptDecoder(sam, chunk=min(options.points_per_batch, 16), upscale_chunk=4)
         else:
             self.decoder = PromptDecoder(sam, chunk=options.points_per_batch, upscale_chunk=options.points_per_batch)
+        self.keep_bytes = _KEEP_BYTES
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[Proposal]:
@@ -124,40 +128,60 @@ class MaskGenerator:
         return encode_image(sam.image_encoder, sam.preprocess(x))
 
     def _crop(self, image: np.ndarray, index: int, crop_box: list[int], layer: int, up: Upscaling) -> _Candidates:
-        """The stock's ``_process_crop``: every point of the crop's grid, filtered, then NMS."""
+        """The stock's ``_process_crop``: every point of the crop's grid, three masks each
+        (in that order), filtered, then NMS."""
         o, s, sam = self.options, self.settings, self.sam
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         h, w = crop.shape[:2]
         self.decoder.set_image(self._embed(crop))
-        points = self.resize.apply_coords(self.grids[layer] * np.array([[w, h]]), (h, w))
+        points = torch.as_tensor(self.resize.apply_coords(self.grids[layer] * np.array([[w, h]]), (h, w)),
+                                 device=sam.device)
         threshold, offset = sam.mask_threshold, s.stability_score_offset
-        lows, ious, stabs, boxes = [], [], [], []
+        store = _LowResStore(self.keep_bytes)
+        ids, ious, stabs, boxes = [], [], [], []
         for start in range(0, len(points), o.points_per_batch):
-            batch = torch.as_tensor(points[start:start + o.points_per_batch], device=sam.device)
-            low, iou = self.decoder(batch, up.low_res_size)
+            low, iou = self.decoder(points[start:start + o.points_per_batch], up.low_res_size)
             low, iou = low.flatten(0, 1), iou.flatten(0, 1)
+            cand = torch.arange(3 * start, 3 * start + len(iou), device=iou.device)  # point-major, as the stock
             if o.pred_iou_thresh > 0:
                 keep = iou > o.pred_iou_thresh
-                low, iou = low[keep], iou[keep]
+                low, iou, cand = low[keep], iou[keep], cand[keep]
+            stab = None
             if o.stability_score_thresh > 0:  # the filter needs every candidate's full-size counts
                 inter, union, box, _ = full_size(low, up, threshold, offset)
                 stab = inter / union
                 keep = stab >= o.stability_score_thresh
-                low, iou, stab, box = low[keep], iou[keep], stab[keep], box[keep]
-                stabs.append(stab)
+                low, iou, cand, stab, box = low[keep], iou[keep], cand[keep], stab[keep], box[keep]
             else:  # only the survivors' scores are needed (computed with their masks)
                 box = boxes_above(low, up, threshold)
             keep = ~is_box_near_crop_edge(box, crop_box, [0, 0, image.shape[1], image.shape[0]])
-            lows.append(low[keep])
+            store.add(cand[keep], low[keep], iou[keep])
+            ids.append(cand[keep])
             ious.append(iou[keep])
             boxes.append(box[keep])
-            if stabs:
-                stabs[-1] = stabs[-1][keep]
-        low, iou, box = torch.cat(lows), torch.cat(ious), torch.cat(boxes)
+            if stab is not None:
+                stabs.append(stab[keep])
+        iou, box, cand = torch.cat(ious), torch.cat(boxes), torch.cat(ids)
         keep = batched_nms(box.float(), iou, torch.zeros(len(box), device=box.device), s.box_nms_thresh)
-        return _Candidates(index, low[keep], iou[keep], torch.cat(stabs)[keep] if stabs else None,
+        low = store.take(cand[keep], lambda missing: self._decode_again(points, missing, up))
+        return _Candidates(index, low, iou[keep], torch.cat(stabs)[keep] if stabs else None,
                            uncrop_boxes_xyxy(box[keep], crop_box))
+
+    def _decode_again(self, points: Tensor, candidates: Tensor, up: Upscaling) -> Tensor:
+        """Low-resolution logits of ``candidates`` (point * 3 + mask) whose logits were not
+        kept: each one's chunk of points decoded again, as the first time (same numbers)."""
+        batch, chunk = self.options.points_per_batch, self.decoder.chunk
+        point = candidates // 3
+        first = point - point % batch  # its batch, then its chunk within the batch
+        start = first + (point - first) // chunk * chunk
+        out = torch.empty(len(candidates), *up.low_res_size, device=points.device)
+        for s in torch.unique(start).tolist():
+            mine = torch.nonzero(start == s)[:, 0]
+            stop = min(s + chunk, int(first[mine[0]]) + batch, len(points))
+            low, _ = self.decoder(points[s:stop], up.low_res_size)
+            out[mine] = low[point[mine] - s, candidates[mine] % 3]
+        return out
 
     # --- across crops ------------------------------------------------------------------------
 
@@ -218,6 +242,51 @@ class MaskGenerator:
             if scores[i] == 0.0:
                 boxes[i] = new_boxes[i]
         return keep.tolist(), cleaned, boxes
+
+
+class _LowResStore:
+    """The low-resolution logits of a crop's candidates (ids increasing), at most about
+    ``budget`` bytes of them: the best-scored are kept, as NMS prefers those."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.ids: list[Tensor] = []
+        self.low: list[Tensor] = []
+        self.scores: list[Tensor] = []
+
+    def add(self, ids: Tensor, low: Tensor, scores: Tensor) -> None:
+        self.ids.append(ids)
+        self.low.append(low)
+        self.scores.append(scores)
+        each = low[0].numel() * low.element_size() if len(low) else 1
+        stored = sum(len(x) for x in self.ids)
+        if stored * each > self.budget:
+            cutoff = torch.cat(self.scores).topk(max(1, self.budget // each)).values[-1]
+            for i, score in enumerate(self.scores):
+                keep = score >= cutoff
+                self.ids[i], self.low[i], self.scores[i] = self.ids[i][keep], self.low[i][keep], score[keep]
+
+    def take(self, wanted: Tensor, decode_again) -> Tensor:
+        """The logits of candidates ``wanted``, in that order; ``decode_again(missing ids)``
+        for those not kept."""
+        ids = torch.cat(self.ids)
+        part = torch.cat([torch.full((len(x),), i, dtype=torch.int64, device=ids.device) for i, x in enumerate(self.ids)])
+        row = torch.cat([torch.arange(len(x), device=ids.device) for x in self.ids])
+        pos = torch.searchsorted(ids, wanted).clamp(max=max(0, len(ids) - 1))
+        found = (ids[pos] == wanted) if len(ids) else torch.zeros_like(wanted, dtype=torch.bool)
+        shape = next((x.shape[1:] for x in self.low if len(x)), None)
+        missing = torch.nonzero(~found)[:, 0]
+        again = decode_again(wanted[missing]) if len(missing) else None
+        if shape is None:
+            shape = again.shape[1:]
+        out = torch.empty(len(wanted), *shape, device=wanted.device)
+        for i, low in enumerate(self.low):
+            mine = torch.nonzero(found & (part[pos] == i))[:, 0]
+            if len(mine):
+                out[mine] = low[row[pos[mine]]]
+        if again is not None:
+            out[missing] = again
+        return out
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
