@@ -326,7 +326,7 @@ def test_benchmarks_list_their_training_split(tmp_path):
     assert train.name == "cocostuff171-train" and len(train) == 2 and train.num_classes == 171
     assert [s.id for s in train.samples()] == ["a", "b"]
     with pytest.raises(UsageError, match="no 'train' split.*cocostuff171"):
-        open_dataset("voc20", tmp_path, split="train")
+        open_dataset("voc21", tmp_path, split="train")  # read from the VOC release as it is: val only
 
 
 def test_display_shows_iteration_losses_lr_speed_and_eta(capsys):
@@ -348,6 +348,24 @@ def test_display_shows_iteration_losses_lr_speed_and_eta(capsys):
         display.update(59, losses, 1e-4, 2.0)
     panel = " ".join(capsys.readouterr().err.split())  # as one line, however the terminal wrapped it
     assert "60/100 2.00 it/s lr 1.00e-04" in panel and "ETA 0:00:20" in panel and text in panel
+
+
+def test_loss_plot_marks_the_points_of_a_short_run():
+    """A run shorter than --log-every logs a single point, and a line through one point draws
+    nothing: the plot must mark it, on an axis of whole iterations done that starts at 0."""
+    from ovss_cli.train.log import loss_figure
+
+    losses = {"loss": 10.0, "loss_ce": 1.0, "loss_mask": 2.0, "loss_dice": 3.0, "loss_ce_0": 1.5,
+              "loss_mask_0": 1.25, "loss_dice_0": 1.25}
+    fig = loss_figure([{"iteration": 9, "lr": 1e-4, **losses},
+                       {"iteration": 9, "eval": {"dataset": "val", "miou": 12.5}}])
+    loss_axes, eval_axes = fig.axes
+    lines = loss_axes.get_lines()
+    assert len(lines) == len(losses)
+    for line in lines:
+        assert line.get_marker() not in (None, "None", "", " ") and list(line.get_xdata()) == [10]
+    assert [list(line.get_ydata()) for line in eval_axes.get_lines()] == [[12.5]]
+    assert eval_axes.get_xlim()[0] == 0 and all(float(tick).is_integer() for tick in eval_axes.get_xticks())
 
 
 def test_class_loss_reaches_the_attention_biases_through_frozen_clip(tiny_model):

@@ -140,12 +140,16 @@ class TrainDisplay:
             print(text, file=sys.stderr, flush=True)
 
 
-def plot_log(records: Iterable[dict[str, Any]], path: Path) -> Path:
-    """A PNG of the loss curves (total and each term) and, when evaluated, the eval mIoU."""
+def loss_figure(records: Iterable[dict[str, Any]]):
+    """The loss curves (total and each term, log scale) over iterations done and, when the log
+    has evaluations, their mIoU below on the same axis. Points are marked while there are few of
+    them, so a short run (one logged point when ``--iters`` < ``--log-every``) still shows its
+    losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     records = list(records)
     steps = [r for r in records if "loss" in r]
@@ -153,28 +157,44 @@ def plot_log(records: Iterable[dict[str, Any]], path: Path) -> Path:
     keys = sorted({k for r in steps for k in r if k.startswith("loss_")}, key=lambda k: (k.count("_") > 1, k))
     terms = sorted({k.split("_")[1] for k in keys})
     colours = {term: f"C{i}" for i, term in enumerate(terms)}
+    marker = "o" if len(steps) <= 40 else None
     rows = 2 if evals else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(9, 4.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 4.5 * rows), squeeze=False, sharex=True)
     ax = axes[0][0]
-    x = [r["iteration"] for r in steps]
-    ax.plot(x, [r["loss"] for r in steps], color="black", linewidth=2, label="total")
+    x = [r["iteration"] + 1 for r in steps]
+    ax.plot(x, [r["loss"] for r in steps], color="black", linewidth=2, marker=marker, markersize=4, label="total")
     for key in keys:
         ax.plot(x, [r.get(key, float("nan")) for r in steps], linewidth=1, color=colours[key.split("_")[1]],
-                linestyle="-" if key.count("_") == 1 else "--", label=key.removeprefix("loss_"))
-    ax.set_xlabel("iteration")
+                linestyle="-" if key.count("_") == 1 else "--", marker=marker, markersize=3,
+                label=key.removeprefix("loss_"))
     ax.set_ylabel("loss (weighted)")
     ax.set_yscale("log")
+    # plain numbers (2, 3, 10, 1e+06 rather than 2 x 10^0); in-between values only over a short range
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     ax.set_title("SAN training loss (solid: last block, dashed: earlier blocks)")
     if evals:
         ax2 = axes[1][0]
-        ax2.plot([r["iteration"] for r in evals], [r["eval"]["miou"] for r in evals], marker="o")
-        ax2.set_xlabel("iteration")
+        ax2.plot([r["iteration"] + 1 for r in evals], [r["eval"]["miou"] for r in evals], marker="o")
         ax2.set_ylabel("mIoU (%)")
         ax2.grid(True, alpha=0.3)
         ax2.set_title(f"evaluation: {evals[-1]['eval'].get('dataset', '')}")
+    bottom = axes[-1][0]
+    bottom.set_xlabel("iterations done")
+    last = max([*x, *(r["iteration"] + 1 for r in evals), 1])
+    bottom.set_xlim(0, last * 1.03)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return fig
+
+
+def plot_log(records: Iterable[dict[str, Any]], path: Path) -> Path:
+    """Write :func:`loss_figure` of the log's records as a PNG (atomically)."""
+    from matplotlib import pyplot as plt
+
+    fig = loss_figure(records)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)

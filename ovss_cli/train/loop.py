@@ -201,16 +201,12 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
     precision = resolve_precision(opts.precision, device)
     workers = opts.workers if opts.workers is not None else (min(4, max(1, (os.cpu_count() or 2) // 2))
                                                               if device.type == "cuda" else 0)
-    if dist.is_main and not opts.quiet and resume_path is None:
-        print(f"checking the {len(dataset)} training samples (images, labels, class values)...", file=sys.stderr,
-              flush=True)
-    data_key = check_dataset(dataset, out, dist, resumed=resume_path is not None)
-    identity = run_identity(opts, data_key, dataset, opts.batch_size, precision)
+    if len(dataset) == 0:
+        raise DatasetError(f"the training set {dataset.name} has no samples")
 
-    # -- model, optimizer, schedule
+    # -- the model first: a wrong --init or CLIP is reported before the (long) dataset check
     if resume_path is not None:
-        saved_model, saved_config, train_state = read_train_checkpoint(resume_path)
-        check_same_run(train_state.get("run", {}), identity, resume_path)
+        saved_model, saved_config, saved_state = read_train_checkpoint(resume_path)
         model, source = _resume_model(saved_model, saved_config), f"{resume_path} (resumed)"
         del saved_model
     else:
@@ -220,6 +216,15 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
     if model.config.num_train_classes != dataset.num_classes:
         raise UsageError(f"--resume: the checkpoint was trained on {model.config.num_train_classes} classes, "
                          f"the dataset has {dataset.num_classes}")
+    if dist.is_main and not opts.quiet and resume_path is None:
+        print(f"checking the {len(dataset)} training samples (images, labels, class values)...", file=sys.stderr,
+              flush=True)
+    data_key = check_dataset(dataset, out, dist, resumed=resume_path is not None)
+    identity = run_identity(opts, data_key, dataset, opts.batch_size, precision)
+    if resume_path is not None:
+        check_same_run(saved_state.get("run", {}), identity, resume_path)
+
+    # -- optimizer, schedule
     model = model.to(device).train()
     trained = set_trainable(model)
     optim_cfg = OptimConfig(lr=opts.lr)
@@ -230,13 +235,13 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
                                                                   num_points=points_for_crop(opts.crop_size)))
     start = 0
     if resume_path is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
-        schedule.load_state_dict(train_state["schedule"])
-        if train_state.get("scaler"):
-            scaler.load_state_dict(train_state["scaler"])
-        states = train_state["rng"]
+        optimizer.load_state_dict(saved_state["optimizer"])
+        schedule.load_state_dict(saved_state["schedule"])
+        if saved_state.get("scaler"):
+            scaler.load_state_dict(saved_state["scaler"])
+        states = saved_state["rng"]
         restore_rng(states[dist.rank] if len(states) == dist.world else states[0])
-        start = int(train_state["iteration"])
+        start = int(saved_state["iteration"])
     else:
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed % 2**32)
@@ -261,7 +266,8 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
                 "scaler": scaler.state_dict(), "rng": dist.all_gather(capture_rng()),
                 "data": {"seed": opts.seed, "position": next_iteration * opts.batch_size, "samples": len(dataset),
                          "fingerprint": data_key},
-                "run": identity, "world": dist.world, "source": source}
+                "run": identity, "world": dist.world, "source": source,
+                "log_window": {k: list(v) for k, v in window.items()}}
 
     def evaluate(iteration: int, display: TrainDisplay) -> None:
         metrics = evaluate_model(model, eval_dataset, device, precision, opts.crop_size, dist)
@@ -272,7 +278,11 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
         display.message(f"eval at iteration {iteration}: {metrics['dataset']} mIoU {metrics.get('miou', float('nan')):.2f}"
                         f" ({metrics['images']} images)")
 
+    # the losses since the last log line: a checkpoint between two log lines carries them, so
+    # that a resumed run logs the same means
     window: dict[str, list[float]] = {}
+    if resume_path is not None:
+        window = {str(k): [float(x) for x in v] for k, v in saved_state.get("log_window", {}).items()}
     started = time.perf_counter()
     with TrainDisplay(opts.iters, start, enabled=dist.is_main and not opts.quiet, live=opts.live) as display:
         display.message(f"training {dataset.name} ({len(dataset)} images, {dataset.num_classes} classes) from "
@@ -321,13 +331,15 @@ def train_san(opts: TrainOptions, dataset: SemSegDataset, eval_dataset: SemSegDa
                     log.write(record)
                 display.update(iteration, {k: v for k, v in mean.items() if k != "seconds"}, lr, rate)
                 window.clear()
+            # evaluate first: a checkpoint means its iteration's evaluation is in the log (a run
+            # stopped during an evaluation resumes from the checkpoint before and evaluates again)
+            if eval_dataset is not None and opts.eval_every and done % opts.eval_every == 0 and done < opts.iters:
+                evaluate(iteration, display)
             if done % opts.checkpoint_every == 0:
                 state = train_state(done)  # a collective: every rank takes part
                 if dist.is_main:
                     save_checkpoint(checkpoint_path(out, iteration), model, state)
                     plot_log(read_log(log.path), out / PLOT_NAME)
-            if eval_dataset is not None and opts.eval_every and done % opts.eval_every == 0 and done < opts.iters:
-                evaluate(iteration, display)
             tick = time.perf_counter()  # an iteration's time: reading its batch to its update
         if eval_dataset is not None:
             evaluate(opts.iters - 1, display)

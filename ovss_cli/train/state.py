@@ -4,9 +4,9 @@
 detectron2 names them) and ``OUT/model_final.pth`` hold ``{"model": state_dict, "ovss_config":
 SanConfig}`` (so ``ovss segment/evaluate --weights FILE`` load them alone); the periodic ones
 add ``"train_state"``: the next iteration, optimizer, schedule, gradient scaler, the random
-states of torch (CPU and CUDA), numpy and Python, and the data order (seed, position, dataset
-fingerprint). Everything is tensors, numbers, strings, lists and dicts, so the files load with
-``torch.load(weights_only=True)``.
+states of torch (CPU and CUDA), numpy and Python, the data order (seed, position, dataset
+fingerprint) and the losses since the last log line. Everything is tensors, numbers, strings,
+lists and dicts, so the files load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
