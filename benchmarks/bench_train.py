@@ -87,18 +87,18 @@ def main() -> None:
 
     import torch
 
-    from shapes import write_shapes_dataset
+    from helpers import SHAPE_CLASSES, write_shapes_dataset
 
     work = Path(tempfile.mkdtemp(prefix="ovss-bench-train-"))
     env = {**os.environ, "OVSS_HOME": str(work / "home")}
     lines: list[str] = []
     try:
-        data = write_shapes_dataset(work / "data", 16, size=(480, 640))
-        data_args = ["--images", str(data / "images"), "--labels", str(data / "labels"),
-                     "--classes-file", str(data / "classes.txt")]
+        images, labels, classes = write_shapes_dataset(work / "data", 16, size=(480, 640), ignore_border=True)
+        data_args = ["--images", str(images), "--labels", str(labels), "--classes-file", str(classes)]
         init, described = small_model(work)
         lines += [f"### CPU: small model ({described})", "",
-                  f"`ovss train-san` on 16 synthetic 480 x 640 images (4 classes), {args.iters} iterations, "
+                  f"`ovss train-san` on 16 synthetic 480 x 640 images ({len(SHAPE_CLASSES)} classes), "
+                  f"{args.iters} iterations, "
                   f"mean of iterations {WARM_UP + 1}..{args.iters} (an iteration: reading and augmenting its batch, "
                   "forward, matching and losses, backward, clipping, AdamW).", "",
                   "| crop | batch | precision | threads | s / iteration | iterations/s | images/s | peak RSS (MiB) |",

@@ -146,39 +146,44 @@ def build_layout(root: Path, name: str, ids: list[str], size: tuple[int, int] | 
     return labels
 
 
-# A small generic-layout dataset (images folder, labels folder, classes file) of coloured shapes.
+# A small generic-layout dataset (images folder, labels folder, classes file) of coloured shapes:
+# the one synthetic dataset of the tests and benchmarks (compare, report-check, train-san).
 SHAPE_CLASSES = ("background", "red disc", "green square", "blue bar", "yellow triangle")
 SHAPE_COLOURS = ((225, 225, 215), (215, 40, 40), (40, 170, 60), (45, 65, 215), (235, 200, 30))
 
 
-def write_shapes_dataset(root: Path, count: int, *, seed: int = 0, size: int = 96,
+def write_shapes_dataset(root: Path, count: int, *, seed: int = 0, size: int | tuple[int, int] = 96,
                          ignore_border: bool = False) -> tuple[Path, Path, Path]:
-    """``count`` seeded size x size images of coloured shapes on a light background, in the
-    generic layout ``ovss evaluate/compare --images DIR --labels DIR --classes-file F`` read:
+    """``count`` seeded images of coloured shapes on a light background, in the generic layout
+    that ``ovss evaluate/compare/train-san --images DIR --labels DIR --classes-file F`` read:
     ``root/images/shape_<i>.png`` (RGB, mild noise), ``root/labels/shape_<i>.png`` (uint8 class
     index per pixel, 0 background; with ``ignore_border`` a 2-pixel border of 255, the ignore
-    value) and ``root/classes.txt`` (:data:`SHAPE_CLASSES`, one per line). Each image has a
-    disc, a square, a horizontal bar and a triangle (later shapes drawn over earlier ones) at
-    seeded places and sizes, so every class covers pixels in most images.
+    value) and ``root/classes.txt`` (:data:`SHAPE_CLASSES`, one per line).
+
+    ``size`` is the side of square images or (height, width). Each image has a disc, a square,
+    a full-width horizontal bar and a triangle (later shapes drawn over earlier ones) at seeded
+    places and sizes, so every class covers pixels in most images; the same ``seed`` and
+    ``count`` give the same files, and a different seed (a held-out set) other images.
     Returns (images folder, labels folder, classes file)."""
     rng = np.random.default_rng(seed)
     images, labels = Path(root) / "images", Path(root) / "labels"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    s = size
+    h, w = (size, size) if isinstance(size, int) else size
+    s = min(h, w)
     for i in range(count):
-        label = np.zeros((s, s), np.uint8)
+        label = np.zeros((h, w), np.uint8)
         r = int(rng.integers(s // 8, s // 4))
-        cx, cy = (int(v) for v in rng.integers(r, s - r, 2))
+        cx, cy = (int(v) for v in rng.integers(r, [w - r, h - r]))
         cv2.circle(label, (cx, cy), r, 1, -1)
         side = int(rng.integers(s // 6, s // 3))
-        x, y = (int(v) for v in rng.integers(0, s - side, 2))
+        x, y = (int(v) for v in rng.integers(0, [w - side, h - side]))
         label[y:y + side, x:x + side] = 2
-        top, height = int(rng.integers(0, s - s // 8)), max(2, s // 12)
+        top, height = int(rng.integers(0, h - h // 8)), max(2, h // 12)
         label[top:top + height] = 3
-        corners = rng.integers(0, s, (3, 2)).astype(np.int32)
+        corners = rng.integers(0, [w, h], (3, 2)).astype(np.int32)
         cv2.fillPoly(label, [corners], 4)
-        image = np.array(SHAPE_COLOURS, np.int16)[label] + rng.integers(-12, 13, (s, s, 3))
+        image = np.array(SHAPE_COLOURS, np.int16)[label] + rng.integers(-12, 13, (h, w, 3))
         if ignore_border:
             label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(images / f"shape_{i}.png")
