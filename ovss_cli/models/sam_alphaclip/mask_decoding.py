@@ -40,10 +40,10 @@ def _token_to_image(attn: Attention, q: Tensor, values: Tensor, keys: Tensor,
     qh = _heads(attn.q_proj(q), h)  # B T h d
     b, t, _, d = qh.shape
     scale = 1 / math.sqrt(d)
-    if shared is not None:
+    if shared is not None:  # one product per head for all prompts: (B T) x d times d x N
         k, v = shared
-        logits = torch.matmul(qh.transpose(1, 2) * scale, k)  # B h T N
-        out = torch.matmul(logits.softmax(-1), v).transpose(1, 2)  # B T h d
+        logits = torch.bmm(qh.permute(2, 0, 1, 3).reshape(h, b * t, d) * scale, k)
+        out = torch.bmm(logits.softmax(-1), v).view(h, b, t, d).permute(1, 2, 0, 3)  # B T h d
     else:
         c = values.shape[-1]
         # logits = q . (Wk x + bk): project the tokens' queries back instead of the image; q . bk
@@ -67,8 +67,9 @@ def _image_to_token_residual(attn: Attention, image: Tensor, keys: Tensor, q: Te
     b, t, _, d = kh.shape
     c = image.shape[-1]
     scale = 1 / math.sqrt(d)
-    if shared is not None:
-        logits = torch.matmul(kh.permute(0, 2, 1, 3), shared.transpose(1, 2))  # B h T N
+    if shared is not None:  # one product per head for all prompts
+        logits = torch.bmm(kh.permute(2, 0, 1, 3).reshape(h, b * t, d), shared.transpose(1, 2))
+        logits = logits.view(h, b, t, -1).transpose(0, 1)  # B h T N
     else:
         kq = torch.einsum("bthd,hdc->bhtc", kh, attn.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
         bias = torch.einsum("bthd,hd->bht", kh, attn.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
@@ -79,7 +80,7 @@ def _image_to_token_residual(attn: Attention, image: Tensor, keys: Tensor, q: Te
     vo = torch.einsum("bthd,chd->bhtc", vh, attn.out_proj.weight.view(c, h, d)).reshape(b, h * t, c)
     vo = vo + attn.out_proj.bias / h
     if image.shape[0] == 1:
-        return torch.baddbmm(image.expand(b, -1, -1), weights.transpose(1, 2), vo)
+        return torch.bmm(weights.transpose(1, 2), vo).add_(image)
     return image.baddbmm_(weights.transpose(1, 2), vo)
 
 

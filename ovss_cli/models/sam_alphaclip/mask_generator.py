@@ -164,7 +164,7 @@ class MaskGenerator:
                 stabs.append(stab[keep])
         iou, box, cand = torch.cat(ious), torch.cat(boxes), torch.cat(ids)
         keep = batched_nms(box.float(), iou, torch.zeros(len(box), device=box.device), s.box_nms_thresh)
-        low = store.take(cand[keep], lambda missing: self._decode_again(points, missing, up))
+        low = store.take(cand[keep], up.low_res_size, lambda missing: self._decode_again(points, missing, up))
         return _Candidates(index, low, iou[keep], torch.cat(stabs)[keep] if stabs else None,
                            uncrop_boxes_xyxy(box[keep], crop_box))
 
@@ -266,20 +266,19 @@ class _LowResStore:
                 keep = score >= cutoff
                 self.ids[i], self.low[i], self.scores[i] = self.ids[i][keep], self.low[i][keep], score[keep]
 
-    def take(self, wanted: Tensor, decode_again) -> Tensor:
-        """The logits of candidates ``wanted``, in that order; ``decode_again(missing ids)``
-        for those not kept."""
+    def take(self, wanted: Tensor, size: tuple[int, int], decode_again) -> Tensor:
+        """The ``size`` logits of candidates ``wanted``, in that order; ``decode_again(missing
+        ids)`` for those not kept. Nothing wanted (every candidate filtered out) gives none."""
+        if not len(wanted):
+            return torch.empty(0, *size, device=wanted.device)
         ids = torch.cat(self.ids)
         part = torch.cat([torch.full((len(x),), i, dtype=torch.int64, device=ids.device) for i, x in enumerate(self.ids)])
         row = torch.cat([torch.arange(len(x), device=ids.device) for x in self.ids])
         pos = torch.searchsorted(ids, wanted).clamp(max=max(0, len(ids) - 1))
         found = (ids[pos] == wanted) if len(ids) else torch.zeros_like(wanted, dtype=torch.bool)
-        shape = next((x.shape[1:] for x in self.low if len(x)), None)
         missing = torch.nonzero(~found)[:, 0]
         again = decode_again(wanted[missing]) if len(missing) else None
-        if shape is None:
-            shape = again.shape[1:]
-        out = torch.empty(len(wanted), *shape, device=wanted.device)
+        out = torch.empty(len(wanted), *size, device=wanted.device)
         for i, low in enumerate(self.low):
             mine = torch.nonzero(found & (part[pos] == i))[:, 0]
             if len(mine):
