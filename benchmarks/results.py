@@ -24,7 +24,20 @@ def machine_description() -> str:
         mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+    return f"{cpu}{_vector_units()}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def _vector_units() -> str:
+    """The widest vector instructions PyTorch uses here, and whether bf16 is native (bf16
+    timings differ several-fold between CPUs with and without it)."""
+    try:
+        import torch
+
+        from ovss_cli.runtime import cpu_has_native_bf16
+    except ImportError:
+        return ""
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16 (emulated: slower than fp32)"
+    return f" ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 
 def write_section(path: Path, title: str, machine: str, body: str) -> None:

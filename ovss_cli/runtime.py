@@ -6,11 +6,12 @@ under ``torch.autocast`` for speed, on CUDA and, for bf16, on CPUs that support 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import ContextManager
 
 import torch
 
-from .errors import UsageError
+from .errors import OvssWarning, UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -42,7 +43,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "fp32"
     if p == "fp16" and device.type == "cpu":
         raise UsageError("fp16 is not supported on CPU; use --precision bf16 or fp32")
+    if p == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(OvssWarning("--precision bf16: this CPU has no native bf16 instructions (AVX512-BF16 or AMX), "
+                                  "so bf16 is emulated and slower than fp32 here; use --precision fp32"))
     return p
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (oneDNN's check: AVX512-BF16 or AMX);
+    without them autocast to bf16 still works but runs several times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:

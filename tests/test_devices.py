@@ -107,3 +107,26 @@ def test_segment_and_evaluate_on_a_gpu_equal_the_cpu(gpu, seeded_san, sam_option
     coco = [json.loads((tmp_path / d / "coco.json").read_text())["annotations"] for d in ("cpu", "cuda")]
     assert coco[0] and [a["segmentation"] for a in coco[0]] == [a["segmentation"] for a in coco[1]]
     assert np.array_equal(runs["cpu"].confusion.matrix, runs["cuda"].confusion.matrix)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, native):
+    """Emulated bf16 is several times slower than fp32: asking for it there is worth a warning;
+    fp32 and CPUs with native bf16 are quiet."""
+    import warnings
+
+    from ovss_cli import runtime
+    from ovss_cli.errors import OvssWarning
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert runtime.resolve_precision("bf16", cpu) == "bf16"
+        assert runtime.resolve_precision("fp32", cpu) == "fp32"
+        assert runtime.resolve_precision("auto", cpu) == "fp32"
+    said = [str(w.message) for w in caught if issubclass(w.category, OvssWarning)]
+    if native:
+        assert said == []
+    else:
+        assert len(said) == 1 and "emulated" in said[0] and "--precision fp32" in said[0]
