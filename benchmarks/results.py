@@ -27,6 +27,18 @@ def machine_description() -> str:
     return f"{cpu}{_vector_units()}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
 
 
+def bf16_caveat() -> str:
+    """A sentence for bf16 rows measured on a CPU that only emulates bf16 (else empty)."""
+    try:
+        from ovss_cli.runtime import cpu_has_native_bf16
+    except ImportError:
+        return ""
+    if cpu_has_native_bf16():
+        return ""
+    return ("This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated here, several times slower "
+            "than fp32, so its times say nothing of a CPU with native bf16; its agreement figures still hold.")
+
+
 def _vector_units() -> str:
     """The widest vector instructions PyTorch uses here, and whether bf16 is native (bf16
     timings differ several-fold between CPUs with and without it)."""
