@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -108,20 +107,15 @@ def matched_iou(reference: list[Proposal], other: list[Proposal]) -> str:
             f"min {np.min(ious):.4f}")
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(amg: str, checkpoint: Path, size: tuple[int, int], options: GeneratorOptions) -> None:
     """In a process of its own: peak resident set while proposing masks for one photo, SAM
     loaded from a checkpoint as ``--method sam`` loads it."""
-    from ovss_cli.compare.run import PeakMemory
+    from ovss_cli.compare.run import PeakMemory, resident_bytes
 
     sam = load_sam(checkpoint)
     image = photo("cat.png", size)
     proposer = MaskProposer(sam, options, CPU, amg=amg)
-    before = rss_now()
+    before = resident_bytes()
     with PeakMemory(CPU) as peak:
         found, seconds = timed(proposer, image)
     print(json.dumps({"before": before, "peak": peak.peak, "seconds": seconds, "masks": len(found)}))

@@ -29,26 +29,30 @@ def machine_description() -> str:
 
 def bf16_caveat() -> str:
     """A sentence for bf16 rows measured on a CPU that only emulates bf16 (else empty)."""
-    try:
-        from ovss_cli.runtime import cpu_has_native_bf16
-    except ImportError:
-        return ""
-    if cpu_has_native_bf16():
+    if _native_bf16() is not False:
         return ""
     return ("This CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated here, several times slower "
             "than fp32, so its times say nothing of a CPU with native bf16; its agreement figures still hold.")
 
 
+def _native_bf16() -> bool | None:
+    """Whether this CPU has bf16 instructions (ovss_cli's check); None without torch or ovss_cli."""
+    try:
+        from ovss_cli.runtime import cpu_has_native_bf16
+    except ImportError:
+        return None
+    return cpu_has_native_bf16()
+
+
 def _vector_units() -> str:
     """The widest vector instructions PyTorch uses here, and whether bf16 is native (bf16
     timings differ several-fold between CPUs with and without it)."""
-    try:
-        import torch
-
-        from ovss_cli.runtime import cpu_has_native_bf16
-    except ImportError:
+    native = _native_bf16()
+    if native is None:
         return ""
-    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16 (emulated: slower than fp32)"
+    import torch
+
+    bf16 = "native bf16" if native else "no native bf16 (emulated: slower than fp32)"
     return f" ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 

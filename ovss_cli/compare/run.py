@@ -131,6 +131,12 @@ class EntryResult:
         return len(self.image_seconds) / self.seconds if self.image_seconds and self.seconds > 0 else None
 
 
+def resident_bytes() -> int:
+    """This process's resident set now, in bytes (Linux's /proc; OSError elsewhere)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakMemory:
     """Peak memory over a block: CUDA's allocator peak on a GPU, else the process's resident set
     size sampled every few milliseconds (it includes what earlier entries left loaded)."""
@@ -153,11 +159,9 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
         while True:
             try:
-                with open("/proc/self/statm") as f:
-                    self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                self.peak = max(self.peak, resident_bytes())
             except OSError:  # not Linux: fall back to the lifetime maximum
                 import resource
 
