@@ -278,7 +278,7 @@ def segment(
                 print(f"warning: {summary.excluded}", file=sys.stderr)
             for path, reason in summary.failures:
                 print(f"failed: {path}: {reason}", file=sys.stderr)
-        return EXIT_SOME_FAILED if summary.images_failed else 0
+        return dist.exit_code(EXIT_SOME_FAILED if summary.images_failed else 0)
 
     _run(body)
 
@@ -359,7 +359,7 @@ def evaluate(
             print(json.dumps(result.to_dict(), indent=2))
         elif not quiet:
             print_evaluation(result, per_class=per_class, paths=paths)
-        return EXIT_SOME_FAILED if result.failed else 0
+        return dist.exit_code(EXIT_SOME_FAILED if result.failed else 0)
 
     _run(body)
 

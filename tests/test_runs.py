@@ -396,12 +396,21 @@ def test_torchrun_ranks_on_gpus_use_their_local_gpu_and_nccl(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kwargs: calls.__setitem__("backend", backend))
+    here = socket.gethostname()
+    ranks = [("machine-0", 100), ("machine-0", 101), (here, 200), (here, os.getpid())]  # (host, pid) per rank
+
+    def all_gather_object(out, value):
+        assert value == (here, os.getpid())
+        out[:] = ranks
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of the second machine
     ctx = distributed.start("cuda")
     assert (ctx.rank, ctx.world, ctx.local_rank) == (3, 4, 1)
+    assert ctx.local_peers == [200]  # the other rank on this machine (rank 0 waits for such before failing)
     assert ctx.device("cuda") == ctx.device("auto") == "cuda:1"
     assert calls == {"set_device": torch.device("cuda:1"), "backend": "nccl"}
     assert ctx.backend == "nccl" and ctx.comm_device == torch.device("cuda:1")  # collectives on the GPU
@@ -512,3 +521,26 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(pho
         lock.release()
     assert result.exit_code == 2
     assert f"{out} is being written by another ovss run (pid {os.getpid()})" in " ".join(result.output.split())
+
+
+def test_rank_0_exits_non_zero_only_after_its_machines_other_ranks():
+    """torchrun stops every process of a machine once one exits non-zero: rank 0 returns a
+    failing exit code only after the other local ranks have exited (a zombie counts as exited),
+    and a success at once."""
+    from ovss_cli.runs.distributed import Distributed
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        main = Distributed(rank=0, world=2, local_peers=[peer.pid])
+        start = time.monotonic()
+        assert main.exit_code(0) == 0 and time.monotonic() - start < 0.2  # nothing to wait for
+        assert Distributed(rank=1, world=2, local_peers=[peer.pid]).exit_code(1) == 1
+        assert peer.poll() is None  # rank 1 did not wait either
+        assert main.exit_code(1) == 1
+        assert time.monotonic() - start >= 1.0  # waited for the peer ...
+        time.sleep(0.1)
+        assert peer.poll() == 0  # ... which had exited, unreaped (a zombie counts as exited)
+    finally:
+        peer.kill()
+        peer.wait()
+    assert main.exit_code(1, timeout=5) == 1  # a peer gone altogether is not waited for

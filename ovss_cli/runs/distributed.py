@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,7 @@ class Distributed:
     local_rank: int = 0
     backend: str | None = None
     comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_peers: list[int] = field(default_factory=list)  # process ids of the other ranks on this machine
 
     @property
     def enabled(self) -> bool:
@@ -122,6 +125,29 @@ class Distributed:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def exit_code(self, code: int, timeout: float = 60.0) -> int:
+        """``code``, once it is safe for rank 0 to exit with it: torchrun stops every process of
+        a machine as soon as one exits non-zero, so rank 0 first waits (up to ``timeout`` s) for
+        the other ranks on its machine, which are done but may still be shutting down; they
+        would otherwise be killed and reported as failures of their own."""
+        deadline = time.monotonic() + timeout
+        pending = self.local_peers if code and self.is_main else []
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pending = [pid for pid in pending if _running(pid)]
+        return code
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an exited one waiting to be reaped does not; without
+    /proc nothing can be told, so nothing is waited for)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
 
 def start(requested_device: str = "auto") -> Distributed:
     """Join the torchrun process group (a no-op single-process context otherwise)."""
@@ -138,4 +164,6 @@ def start(requested_device: str = "auto") -> Distributed:
         ctx.backend = "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(ctx.backend, timeout=_dt.timedelta(hours=2))
+    host = socket.gethostname()
+    ctx.local_peers = [pid for h, pid in ctx.all_gather((host, os.getpid())) if h == host and pid != os.getpid()]
     return ctx
