@@ -67,6 +67,33 @@ def test_training_path_equals_the_inference_path_and_backpropagates(tiny_model):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
+def test_training_path_equals_the_inference_path_on_the_official_tiny_san(reference_dir):
+    """The same on the official reference's configuration (100 queries, recognition head from
+    CLIP layer 9, deep supervision at blocks 7 and 8), whose inference path is checked against
+    the official outputs: what training differentiates is the official model."""
+    from ovss_cli.models.san.checkpoint import load_san_weights, read_san_checkpoint
+    from ovss_cli.models.san.config import SanConfig
+    from ovss_cli.models.san.model import SanModel
+    from ovss_cli.train.optim import set_trainable
+
+    fixture = torch.load(reference_dir / "san" / "tiny-seed0.fixture.pth", weights_only=True)
+    state, _ = read_san_checkpoint(reference_dir / "san" / "tiny-seed0.weights.pth")
+    model = SanModel(SanConfig(clip=fixture["clip_config"]))
+    load_san_weights(model, state, "reference", "tiny")
+    model.eval()
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 96, 128)
+    classifier = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1) * 100
+    with torch.no_grad():
+        fast_masks, fast_logits = model(images, classifier, all_outputs=True)
+    set_trainable(model)
+    masks, logits = model(images, classifier, all_outputs=True)
+    assert len(masks) == len(logits) == 2
+    for a, b in zip(masks + logits, fast_masks + fast_logits):
+        assert a.requires_grad and a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_bf16_keeps_the_official_tiny_sans_labels(reference_dir):
     """bf16 on a CPU agrees with fp32 on >= 99% of the official tiny SAN's pixels (97.9% before
     the precision-sensitive steps were kept in fp32)."""
