@@ -5,9 +5,10 @@ it starts from a released-format SAN or from CLIP, and bad input stops it before
 The runs train the tests' small seeded SAN (10 queries), which learns the synthetic shapes in a
 couple of hundred CPU steps. The reference folder's official tiny SAN (the full-size side adapter,
 100 queries) is trained here only to show that an official checkpoint fine-tunes and loads back:
-its seeded 1x1 convolutions (std 1.0) put its mask logits at 1e5..1e6, and no setting tried
-(--lr 1e-3..3e-2, batch 1..4, crops 64/128, up to 900 steps) raised its held-out mIoU clearly above the
-untrained model's (numbers in the review report of issue 11).
+it does not learn these shapes in a few hundred steps. Its seeded 1x1 convolutions (std 1.0) put
+its mask logits at 1e5..1e6; at the issue's --lr 1e-3 they stay saturated, at 1e-2 they come down
+but the mask MLP's ReLUs die; even with those convolutions given the official initialisation it
+barely moves (`benchmarks/probe_reference_training.py`, figures in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
