@@ -114,6 +114,28 @@ def test_text_embeddings_are_cached(tiny_official):
     assert segmenter.prompts.names_encoded - before == 3
 
 
+def test_a_name_too_long_for_clip_is_warned_about_even_from_the_disk_cache(tmp_path):
+    """The warning concerns the name, not the encoding: a later run that reads the embedding from
+    the text cache warns too, once per encoder however many images ask for it."""
+    import warnings
+
+    from ovss_cli.clip.templates import get_templates
+    from ovss_cli.clip.text import PromptEncoder
+    from ovss_cli.errors import OvssWarning
+
+    model = build_random_san(tiny_san_config())
+    long_name = "a " + "huge " * 80 + "red sofa"
+    for run in ("computes", "reads the cache"):
+        prompts = PromptEncoder(model.ov_classifier, get_templates("vild"), cache_dir=tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                prompts.embed(["cat", long_name])
+        messages = [str(w.message) for w in caught if issubclass(w.category, OvssWarning)]
+        assert len(messages) == 1 and "'a huge huge" in messages[0] and "77-token" in messages[0], run
+        assert prompts.names_encoded == (2 if run == "computes" else 0), run
+
+
 def test_shortest_edge_size_follows_detectron2():
     assert shortest_edge_size(480, 640, 640, 2560) == (640, 853)  # 853.33 -> 853
     assert shortest_edge_size(500, 375, 640, 2560) == (853, 640)

@@ -63,6 +63,7 @@ class PromptEncoder:
             self._cache_file = Path(cache_dir) / f"{tower_fingerprint(tower, self.templates)}.pt"
             self._cache.update(self._read_disk_cache())
         self.names_encoded = 0  # how many names went through the text tower (for tests, stats)
+        self._length_checked: set[str] = set()  # names already checked against the context length
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +92,6 @@ class PromptEncoder:
 
     @torch.no_grad()
     def _encode(self, names: Sequence[str]) -> torch.Tensor:
-        warn_if_cut(names, self.templates, self.tower.context_length)
         per_template = []
         # Always fp32: the classifier is computed once per name and must be exact.
         with torch.autocast(self.device.type, enabled=False):
@@ -106,7 +106,12 @@ class PromptEncoder:
         return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
 
     def embed(self, names: Sequence[str]) -> torch.Tensor:
-        """N x D unit-norm embeddings for ``names`` (in order)."""
+        """N x D unit-norm embeddings for ``names`` (in order). A name too long for CLIP's context is
+        warned about once per encoder, whether its embedding is computed now or cached."""
+        unchecked = list(dict.fromkeys(n for n in names if n not in self._length_checked))
+        if unchecked:
+            warn_if_cut(unchecked, self.templates, self.tower.context_length)
+            self._length_checked.update(unchecked)
         new = list(dict.fromkeys(n for n in names if n not in self._cache))
         if new:
             for name, emb in zip(new, self._encode(new)):
