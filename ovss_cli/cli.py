@@ -52,9 +52,13 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our warnings as one ``warning:`` line; others as Python prints them."""
+    """Our warnings as one ``warning:`` line, under torchrun from rank 0 only (they concern the
+    settings and the vocabulary, which every rank shares); others as Python prints them."""
     if issubclass(category, OvssWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        from .runs.distributed import launched_by_torchrun
+
+        if not launched_by_torchrun() or os.environ.get("RANK", "0") == "0":
+            print(f"warning: {message}", file=sys.stderr)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 

@@ -340,9 +340,11 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def test_two_torchrun_processes_segment_as_one(photos, seeded_san, tmp_path):
     """torchrun gives each process one thread (OMP_NUM_THREADS=1), so the one-process run it is
-    compared with uses one thread too: float sums then agree bit for bit."""
+    compared with uses one thread too: float sums then agree bit for bit. A class name longer
+    than CLIP's context is warned about once, by rank 0, as in one process."""
     one = tmp_path / "one"
-    args = ["segment", str(photos), "--classes", CLASSES, "--weights", str(seeded_san), "--device", "cpu", *FAST]
+    classes = CLASSES + ",a " + "very " * 80 + "long sofa"
+    args = ["segment", str(photos), "--classes", classes, "--weights", str(seeded_san), "--device", "cpu", *FAST]
     single = subprocess.run(ovss_command(*args, "--out", str(one), "--quiet"), capture_output=True, text=True,
                             timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
@@ -354,6 +356,8 @@ def test_two_torchrun_processes_segment_as_one(photos, seeded_san, tmp_path):
                                                                       "main.rank-1-of-2.sqlite"]
     assert proc.stderr.count("ovss segment") == 1 and "25 ok" in proc.stderr  # rank 0 reports for both
     assert "25/25" in proc.stderr  # rank 0's bar ends with every rank's inputs counted
+    assert single.stderr.count("warning: class name 'a very") == 1
+    assert proc.stderr.count("warning: class name 'a very") == 1
 
 
 def test_two_torchrun_processes_evaluate_as_one(voc, seeded_san, tmp_path):
