@@ -697,7 +697,9 @@ def load_state_file(path: str | Path) -> dict:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "Weights only load failed" in message or "weights_only" in message:
+        # a pickle naming a class or function the weights-only unpickler does not allow; other
+        # failures ("Unsupported operand", a bad opcode) mean the bytes are not a pickle at all
+        if ("Weights only load failed" in message or "weights_only" in message) and "global" in message.lower():
             found = re.search(r"GLOBAL ([\w.]+)", message)
             what = f" ({found.group(1)})" if found else ""
             raise WeightsError(

@@ -288,12 +288,16 @@ def test_load_truncated_pth(tmp_path):
     assert str(truncated) in message and "truncated or corrupt" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint at all"])
-def test_load_empty_or_garbage(tmp_path, content):
+@pytest.mark.parametrize("content, kind", [(b"", "is empty"), (b"this is not a checkpoint at all", "not a readable checkpoint"),
+                                           (b"garbage", "not a readable checkpoint")])
+def test_load_empty_or_garbage(tmp_path, content, kind):
+    """Bytes that are no checkpoint are called corrupt, not "pickled Python objects": torch's
+    weights-only unpickler rejects both, with different reasons."""
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match=re.escape(str(path))):
+    with pytest.raises(WeightsError, match=re.escape(str(path))) as info:
         load_state_file(path)
+    assert kind in str(info.value) and "pickled" not in str(info.value)
 
 
 def test_load_refuses_pickled_objects(tmp_path):
