@@ -143,6 +143,9 @@ def test_a_killed_run_resumes_to_the_same_weights(shapes, uninterrupted, tmp_pat
     assert losses_of(out) == losses_of(uninterrupted)
     changed = invoke(*small_run(shapes, out, "--resume", "--lr", "2e-3"))
     assert changed.exit_code == 2 and "lr" in changed.output
+    longer = invoke(*small_run(shapes, out, "--resume", "--iters", "16"))  # the schedule depends on --iters
+    assert longer.exit_code == 2 and "iters = 8" in longer.output
+    assert f"--init {out / 'model_final.pth'}" in " ".join(longer.output.split())  # how to train further
 
 
 def test_a_run_stopped_during_an_evaluation_evaluates_again_on_resume(shapes, tmp_path, monkeypatch):

@@ -88,5 +88,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
     """``--resume`` continues the same run: the settings that shape the result must not change."""
     for key, value in current.items():
         if key in saved and saved[key] != value:
+            further = (f" (to train a finished run further, start a new one from its weights: --init "
+                       f"{path.parent.parent / FINAL_NAME} --out NEW_DIR)" if key == "iters" else "")
             raise UsageError(f"--resume: {path} was written by a run with {key} = {saved[key]!r}, this run has "
-                             f"{value!r}; resume with the same settings, or train into another --out")
+                             f"{value!r}; resume with the same settings, or train into another --out{further}")
