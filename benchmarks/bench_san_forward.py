@@ -398,8 +398,9 @@ def main() -> None:
                         f"{official_here:.2f} s here: ours fp32 is {official_here / best[('ours', 'fp32')]:.2f}x "
                         "the official.")
     lines += ["", " ".join(official), ""]
-    if bf16_caveat():
-        lines += [bf16_caveat(), ""]
+    caveat = bf16_caveat()
+    if caveat:
+        lines += [caveat, ""]
     lines += [f"Per stage (s; forward hooks on the modules, each stage its best of {profile_repeat} profiled runs, "
               "so the stages add up to about the profiled total, which can exceed the timed best):", ""]
     header = "| stage | " + " | ".join(f"{n} {p}" for p in ("fp32", "bf16") for n in names) + " |"
@@ -412,7 +413,7 @@ def main() -> None:
               f"in bf16 here, so the matmul floor is about {gflop / rates['fp32']:.2f} s (fp32) and "
               f"{gflop / rates['bf16']:.2f} s (bf16)."]
 
-    ours32, ours16 = loaded[("ours", "fp32")], loaded[("ours", "bf16")]
+    ours32 = loaded[("ours", "fp32")]
     lines += ["", "Agreement:", ""]
     if baseline_name:
         base32 = loaded[(baseline_name, "fp32")]

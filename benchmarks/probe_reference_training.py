@@ -88,20 +88,20 @@ def held_out_miou(weights: Path, model_args: list[str], data: Path, out: Path, e
 def mask_stats(weights: Path, clip_config: dict | None, data: Path) -> tuple[float, float]:
     """Mean |mask logit| of the last block on the first held-out image, and the fraction of the
     first ``pix_mlp`` layer's outputs above 0 (its ReLUs that pass anything)."""
-    import cv2
     import torch
 
-    from ovss_cli.models.san.checkpoint import read_san_checkpoint
-    from ovss_cli.models.san.config import SanConfig
+    from ovss_cli.io.images import read_image
+    from ovss_cli.models.san.checkpoint import load_san_weights, read_san_checkpoint
+    from ovss_cli.models.san.config import CLIP_MEAN, CLIP_STD, SanConfig
     from ovss_cli.models.san.model import SanModel
 
     state, config = read_san_checkpoint(weights)
     model = SanModel(SanConfig.from_dict(config) if config else SanConfig(clip=clip_config)).eval()
-    model.load_state_dict(state)
-    image = cv2.imread(str(sorted((data / "val" / "images").iterdir())[0]))[:, :, ::-1].copy()
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
+    load_san_weights(model, state, str(weights), "probe")
+    image = read_image(sorted((data / "val" / "images").iterdir())[0])
+    x = torch.tensor(image).permute(2, 0, 1)[None].float()
+    mean = torch.tensor([255.0 * m for m in CLIP_MEAN]).view(1, 3, 1, 1)
+    std = torch.tensor([255.0 * s for s in CLIP_STD]).view(1, 3, 1, 1)
     torch.manual_seed(0)  # mask logits do not depend on the classes; any classifier
     classifier = torch.nn.functional.normalize(torch.randn(3, model.ov_classifier.text_projection.shape[1]), dim=-1)
     seen = []
